@@ -1,0 +1,119 @@
+"""DeepSpeed config and engine construction, in one documented order.
+
+Order (each step needs the previous one):
+1. the model is built and its weights loaded (before any optimizer exists: the original's ZeRO-1 built fp32
+   masters from random weights and overwrote the loaded checkpoint on the first step, original-toolkit.md §7);
+2. frozen parameters get `requires_grad=False` (prompt tuning with `fix_model`), so neither gradients nor
+   optimizer state nor fp32 masters are ever allocated for them;
+3. the client AdamW over the trainable param groups, and the LR schedule;
+4. `deepspeed.initialize`, which owns gradient accumulation, clipping, loss scaling (fp16) and the optimizer step.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from training.lr_schedule import WarmupDecayLR
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DS_CONFIG: dict = {
+    "zero_optimization": {"stage": 0},
+    "zero_allow_untested_optimizer": True,
+    "gradient_clipping": 1.0,
+    "steps_per_print": 10 ** 9,
+    "wall_clock_breakdown": False,
+}
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    lr: float
+    weight_decay: float
+    clip_grad: float
+    micro_batch_size: int
+    grad_acc_steps: int
+    dp_size: int
+    fp16: bool
+    bf16: bool
+    warmup_steps: int
+    decay_steps: int
+    decay_style: str
+    loss_scale: float | None = None
+    loss_scale_window: int | None = None
+    hysteresis: int | None = None
+    min_scale: float | None = None
+
+
+def _set(cfg: dict, path: tuple[str, ...], value, source: str) -> None:
+    """Set cfg[path] = value, logging when it replaces a different value from the JSON."""
+    node = cfg
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    old = node.get(path[-1], None)
+    if old is not None and old != value:
+        logger.info("DeepSpeed config: %s = %r replaced by %r (%s)", ".".join(path), old, value, source)
+    node[path[-1]] = value
+
+
+def build_ds_config(json_path: str | None, s: OptimSettings) -> dict:
+    """The DS JSON (or defaults) with the batch, precision and clipping keys set from the CLI, every change logged."""
+    if json_path:
+        with open(json_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    else:
+        cfg = copy.deepcopy(DEFAULT_DS_CONFIG)
+    # The original overwrote these silently; they come from the CLI so scripts have one source of truth.
+    _set(cfg, ("train_micro_batch_size_per_gpu",), s.micro_batch_size, "--batch-size")
+    _set(cfg, ("gradient_accumulation_steps",), s.grad_acc_steps, "--gradient-accumulation-steps")
+    _set(cfg, ("train_batch_size",), s.micro_batch_size * s.grad_acc_steps * s.dp_size,
+         "batch-size x grad-acc x data-parallel size")
+    _set(cfg, ("gradient_clipping",), s.clip_grad, "--clip-grad")
+    _set(cfg, ("fp16", "enabled"), s.fp16, "--fp16" if s.fp16 else "no --fp16 flag")
+    _set(cfg, ("bf16", "enabled"), s.bf16, "--bf16" if s.bf16 else "no --bf16 flag")
+    if s.fp16:
+        for key, value, flag in (("loss_scale", s.loss_scale, "--loss-scale"),
+                                 ("loss_scale_window", s.loss_scale_window, "--loss-scale-window"),
+                                 ("hysteresis", s.hysteresis, "--hysteresis"),
+                                 ("min_loss_scale", s.min_scale, "--min-scale")):
+            if value is not None:
+                _set(cfg, ("fp16", key), value, flag)
+    # Client optimizers under ZeRO need this DeepSpeed switch; AdamW is what the original's FusedAdam computed.
+    cfg["zero_allow_untested_optimizer"] = True
+    for key in ("optimizer", "scheduler"):
+        if key in cfg:
+            raise ValueError(f"the DeepSpeed config {json_path} defines '{key}'; remove it: the toolkit passes its "
+                             "own AdamW and LR schedule (set them with --lr, --lr-decay-style, --warmup)")
+    # DeepSpeed's own progress prints would interleave with ours.
+    cfg["steps_per_print"] = 10 ** 9
+    cfg.setdefault("wall_clock_breakdown", False)
+    return cfg
+
+
+def build_optimizer(model: torch.nn.Module, s: OptimSettings, *, prompt_only: bool) -> torch.optim.Optimizer:
+    groups = [g for g in model.param_groups(s.weight_decay, prompt_only=prompt_only) if g["params"]]
+    groups = [dict(g, params=[p for p in g["params"] if p.requires_grad]) for g in groups]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise RuntimeError("no trainable parameters: check --prompt-tune / fix_model / fix_prompt settings")
+    # betas/eps as the original's apex FusedAdam (AdamW mode).
+    return torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=s.weight_decay)
+
+
+def build_engine(model: torch.nn.Module, s: OptimSettings, ds_config: dict, *, prompt_only: bool):
+    """Returns (engine, optimizer, lr_scheduler). The model must already hold its loaded weights."""
+    import deepspeed
+
+    import mpu
+
+    optimizer = build_optimizer(model, s, prompt_only=prompt_only)
+    scheduler = WarmupDecayLR(optimizer, base_lr=s.lr, warmup_steps=s.warmup_steps, decay_steps=s.decay_steps,
+                              style=s.decay_style)
+    engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu, config=ds_config,
+        dist_init_required=False)
+    return engine, ds_optimizer, ds_scheduler
