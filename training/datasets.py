@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import logging
 
-from data_utils.dataset import TaskDataset, make_collate
+from data_utils.collate import make_collate
+from data_utils.dataset import TaskDataset
 
 logger = logging.getLogger("cpm2")
 

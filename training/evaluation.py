@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 import mpu
+from training import faults
 from training.objectives import lm_loss, model_inputs, token_logit
 
 logger = logging.getLogger("cpm2")
@@ -89,13 +90,12 @@ def _generate(ctx: EvalContext, batch: dict, examples: list[dict]) -> tuple[list
 
 def _rank(ctx: EvalContext, batch: dict, examples: list[dict]) -> tuple[list[dict], torch.Tensor]:
     logits = ctx.model(**model_inputs(batch))["lm_logits"]
-    scores = token_logit(logits, logits.shape[1] - 1, ctx.score_token_id)  # [sum of group sizes]
-    sizes = batch["group_sizes"].tolist() if "group_sizes" in batch else [int(batch["group_size"])] * len(examples)
-    records, start = [], 0
-    flat = scores.tolist()
-    for ex, n in zip(examples, sizes):
-        doc_scores = flat[start:start + n]
-        start += n
+    group = int(batch["group_size"])
+    scores = token_logit(logits, logits.shape[1] - 1, ctx.score_token_id).view(-1, group)  # [B, G]
+    sizes = batch["group_mask"].sum(-1).tolist()  # documents per query; the rest of each row is padding
+    records = []
+    for row, (ex, n) in enumerate(zip(examples, sizes)):
+        doc_scores = scores[row, :int(n)].tolist()
         records.append({
             "id": ex["id"], "input": ex.get("input_text"), "prediction": doc_scores,
             "reference": ex.get("reference"), "label_index": ex.get("label_index", -1),
@@ -135,6 +135,7 @@ def run_evaluation(ctx: EvalContext, dataset, batches: Iterable[tuple[dict, list
             for rec, idx in zip(recs, indices):
                 rec["index"] = idx
             records.extend(recs)
+            faults.maybe_kill("eval")
             loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
             n_batches += 1
     finally:

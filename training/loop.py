@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from training import faults
 from training.best import BestCheckpoints
 from training.evaluation import EvalContext, run_evaluation, write_results
 from training.objectives import model_inputs
@@ -65,6 +66,7 @@ class Trainer:
         self.epoch = 0
         self.micro_in_epoch = 0
         self.nonfinite_streak = 0
+        self.last_lr = float("nan")
 
     # -- resumable state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -98,6 +100,8 @@ class Trainer:
                 self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
         loss = torch.stack(losses).mean()
         self._check_finite(loss)
+        faults.maybe_kill("step")
+        self.last_lr = self.engine.get_lr()[0]  # the lr this update uses (the scheduler moves on in step())
         self.engine.step()  # the boundary: DeepSpeed clips, (un)scales and applies the update
         return loss
 
@@ -123,7 +127,7 @@ class Trainer:
 
     def _log(self, loss_sum: torch.Tensor, n: int, meter: ThroughputMeter) -> None:
         loss = (loss_sum / max(n, 1)).item()
-        lr = self.engine.get_lr()[0] if hasattr(self.engine, "get_lr") else float("nan")
+        lr = self.last_lr
         rate = meter.report(self.global_step)
         scale = self._loss_scale() if self.s.fp16 else None
         logger.info("epoch %d | step %d/%d | lr %.3e | loss %.4f | loss scale %s | %.0f tokens/s | %.1f samples/s | "

@@ -56,6 +56,8 @@ def rank_loss(logits: torch.Tensor, batch: dict, *, score_token_id: int, tempera
     score highest. Scores: logit of the score token (相关) at the last decoder position. logits [B*G, Ld, V/mp]."""
     group = int(batch["group_size"])
     scores = token_logit(logits, logits.shape[1] - 1, score_token_id).view(-1, group) / temperature  # [B, G]
+    # Queries with fewer documents than G are padded (group_mask 0): those rows never compete.
+    scores = scores.masked_fill(batch["group_mask"].to(scores.device) == 0, float("-inf"))
     return torch.nn.functional.cross_entropy(scores, batch["label_index"].to(scores.device))
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 import mpu
+from training import faults
 from model.checkpoint import (TRACKER_NAME, atomic_torch_save, atomic_write_text, load_shard, read_tracker,
                               write_tracker)
 
@@ -99,6 +100,7 @@ def save_resume_checkpoint(engine, save_dir: str, step: int, trainer_state: dict
     engine.save_checkpoint(str(tmp_root), tag=str(step), client_state={"iteration": step}, save_latest=False,
                            exclude_frozen_parameters=frozen_excluded)
     atomic_torch_save(capture_rng_state(), tmp_root / str(step) / f"rng_state_rank_{_rank():05d}.pt")
+    faults.maybe_kill("save")
     _barrier()
     if _rank() == 0:
         atomic_write_text(tmp_root / str(step) / "trainer_state.json", json.dumps(trainer_state, indent=1))
