@@ -88,9 +88,9 @@ def build_ds_config(json_path: str | None, s: OptimSettings) -> dict:
         if key in cfg:
             raise ValueError(f"the DeepSpeed config {json_path} defines '{key}'; remove it: the toolkit passes its "
                              "own AdamW and LR schedule (set them with --lr, --lr-decay-style, --warmup)")
-    # DeepSpeed's own progress prints would interleave with ours.
+    # DeepSpeed's own progress and per-step timer prints would interleave with ours (we log tokens/s ourselves).
     cfg["steps_per_print"] = 10 ** 9
-    cfg.setdefault("wall_clock_breakdown", False)
+    _set(cfg, ("wall_clock_breakdown",), False, "the toolkit logs throughput itself")
     return cfg
 
 
