@@ -41,9 +41,11 @@ def count_units(lines: Iterable[str]) -> tuple[collections.Counter, collections.
 
 
 def build_vocab(lines: Iterable[str], *, size: Optional[int] = None, num_sentinels: int = DEFAULT_NUM_SENTINELS,
-                min_count: int = DEFAULT_MIN_COUNT) -> List[str]:
+                min_count: int = DEFAULT_MIN_COUNT, pad_to_multiple: int = 1) -> List[str]:
     """The vocab tokens in id order. `size` caps the total (specials + content + sentinels); it is reached
-    when the corpus has enough distinct pieces."""
+    when the corpus has enough distinct pieces. `pad_to_multiple` adds `<unused_i>` tokens before the sentinels
+    so that the total divides evenly: tensor parallelism splits the vocab over MP ranks (CPM-2's own 26,240 is a
+    multiple of 128)."""
     chars, pieces = count_units(lines)
     specials = set(SPECIAL_TOKENS)
     char_list = [c for c in _by_frequency(chars) if c not in specials]
@@ -60,7 +62,10 @@ def build_vocab(lines: Iterable[str], *, size: Optional[int] = None, num_sentine
     chosen.update(char_list)
     content = [unit for unit in _by_frequency(chars + pieces) if unit in chosen]
     sentinels = [f"<s_{i}>" for i in range(num_sentinels)]
-    return SPECIAL_TOKENS + content + sentinels
+    total = len(SPECIAL_TOKENS) + len(content) + num_sentinels
+    # An explicit --size is the total the user asked for; padding applies to the corpus-driven size only.
+    filler = [] if size is not None else [f"<unused_{i}>" for i in range(-total % max(pad_to_multiple, 1))]
+    return SPECIAL_TOKENS + content + filler + sentinels
 
 
 def _by_frequency(counts: collections.Counter) -> List[str]:
@@ -81,6 +86,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="total vocab size incl. specials and sentinels (default: every character plus pieces "
                              f"seen at least {DEFAULT_MIN_COUNT} times)")
     parser.add_argument("--num-sentinels", type=int, default=DEFAULT_NUM_SENTINELS)
+    parser.add_argument("--pad-to-multiple", type=int, default=8,
+                        help="without --size, pad the vocab with <unused_i> tokens to a multiple of this (model-parallel "
+                             "sizes must divide the vocab size; default 8 allows MP 1, 2, 4, 8)")
     args = parser.parse_args(argv)
     missing = [str(p) for p in args.corpus if not p.is_file()]
     if missing:
@@ -88,7 +96,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.num_sentinels < 2:
         parser.error(f"--num-sentinels {args.num_sentinels}: CPM-2 targets need at least <s_0> and <s_1>")
     try:
-        tokens = build_vocab(_read_lines(args.corpus), size=args.size, num_sentinels=args.num_sentinels)
+        tokens = build_vocab(_read_lines(args.corpus), size=args.size, num_sentinels=args.num_sentinels,
+                             pad_to_multiple=args.pad_to_multiple)
     except ValueError as err:
         parser.error(str(err))
     args.out.parent.mkdir(parents=True, exist_ok=True)
