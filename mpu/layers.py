@@ -34,6 +34,19 @@ def init_method_normal(std: float) -> InitMethod:
     return init_
 
 
+def mark_model_parallel(weight: torch.Tensor, *, partition_dim: int, stride: int = 1) -> None:
+    """Tag a split weight the way Megatron and DeepSpeed expect (`model_parallel` / `tensor_model_parallel`).
+
+    DeepSpeed's gradient-norm clipping sums the squares of tagged (split) parameters on every MP rank but of
+    untagged (replicated) ones on MP rank 0 only; untagged split weights would be under-counted and replicated
+    norms over-counted, so clipping (and the loss curve) would differ from MP 1.
+    """
+    weight.model_parallel = True
+    weight.tensor_model_parallel = True
+    weight.partition_dim = partition_dim
+    weight.partition_stride = stride
+
+
 @torch.no_grad()
 def initialize_parallel_weight(
     weight: torch.Tensor,
@@ -53,6 +66,7 @@ def initialize_parallel_weight(
     """
     group = resolve_group(group)
     world_size, rank = group_world_size(group), group_rank(group)
+    mark_model_parallel(weight, partition_dim=partition_dim, stride=stride)
     master = torch.empty(full_shape, dtype=torch.float32)
     init_method(master)
     if world_size > 1:

@@ -126,7 +126,7 @@ class Trainer:
         return getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", None)
 
     def _log(self, loss_sum: torch.Tensor, n: int, meter: ThroughputMeter) -> None:
-        loss = (loss_sum / max(n, 1)).item()
+        loss = (_mean_over_data_parallel(loss_sum) / max(n, 1)).item()
         lr = self.last_lr
         rate = meter.report(self.global_step)
         scale = self._loss_scale() if self.s.fp16 else None
@@ -203,6 +203,19 @@ class Trainer:
             raise
         finally:
             bar.close()
+
+
+def _mean_over_data_parallel(value: torch.Tensor) -> torch.Tensor:
+    """The global-batch value of a per-rank mean (every DP rank holds the same number of examples)."""
+    import torch.distributed as dist
+
+    import mpu
+
+    if not (dist.is_available() and dist.is_initialized()) or mpu.get_data_parallel_world_size() == 1:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value, group=mpu.get_data_parallel_group())
+    return value / mpu.get_data_parallel_world_size()
 
 
 def steps_per_epoch(micro_batches_per_epoch: int, grad_acc: int) -> int:
