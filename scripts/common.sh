@@ -11,6 +11,7 @@
 #   HOST_FILE             DeepSpeed hostfile, "node0 slots=8" per line (default configs/host_files/hostfile-cpm2)
 #   MASTER_PORT           rendezvous port (default 29500)
 #   LAUNCHER_ARGS         extra deepspeed-launcher flags (e.g. "--no_ssh --node_rank 1 --master_addr host0")
+#   NODE_RANK             only names this node's log file (train_log.node<N>) when launching per node (--no_ssh)
 #   EXTRA_ARGS            extra finetune_cpm2.py flags, appended last (they win), e.g. "--train-iters 10"
 #   PYTHON                interpreter (default: .venv/bin/python when present, else python3)
 # Without a GPU the run uses gloo and fp32 (DeepSpeed refuses fp16 on CPU) and says so first.
@@ -58,6 +59,7 @@ cpm2_launch() {
              "${WORKING_DIR}/finetune_cpm2.py" "$@" --model-parallel-size "${MP_SIZE}" "${ckpt_opts[@]}"
              "${precision_opts[@]}" --log-file "${LOG_FILE:-${SAVE_PATH}/log.txt}" ${EXTRA_ARGS:-})
   echo "${cmd[@]}"
-  "${cmd[@]}" 2>&1 | tee "${SAVE_PATH}/train_log"
+  # One log per node when several launchers share SAVE_PATH (multi-node on a shared filesystem).
+  "${cmd[@]}" 2>&1 | tee "${SAVE_PATH}/train_log${NODE_RANK:+.node${NODE_RANK}}"
   return "${PIPESTATUS[0]}"
 }
