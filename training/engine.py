@@ -116,4 +116,10 @@ def build_engine(model: torch.nn.Module, s: OptimSettings, ds_config: dict, *, p
     engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu, config=ds_config,
         dist_init_required=False)
+    if s.dp_size == 1 and not engine.zero_optimization():
+        # With one data-parallel rank there is nothing to average, but DeepSpeed still flattens every gradient
+        # into one buffer, all-reduces it over a group of one and copies it back: ~0.2 s per step and a
+        # model-sized temporary (benchmarks/RESULTS.md, profile). ZeRO stages do their reduction in the
+        # optimizer and keep DeepSpeed's path.
+        engine.enable_backward_allreduce = False
     return engine, ds_optimizer, ds_scheduler

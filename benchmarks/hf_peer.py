@@ -1,0 +1,97 @@
+"""The benchmark peer: Hugging Face `T5ForConditionalGeneration` with our config and our weights (SPEC §2 mapping).
+
+Written from the SPEC's mapping table (not from `model/checkpoint_hf.py`), so a benchmark never times a peer that
+computes something else: `check_same_function` compares the logits of both models once before any timing.
+"""
+from __future__ import annotations
+
+import torch
+
+from model import EncDecConfig, EncDecModel
+
+# Token roles of the HF twin (T5 convention): decoding starts from pad; eos is never reached in the benchmarks
+# because min_length = max_length disables stopping.
+HF_PAD_ID, HF_EOS_ID, HF_START_ID = 0, 1, 0
+
+
+def make_hf_model(cfg: EncDecConfig, *, dtype: torch.dtype = torch.float32):
+    """An untrained HF T5 v1.1 twin of `cfg` (gated GeLU-tanh FF, untied head, no dropout)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    hf_cfg = T5Config(
+        vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.d_kv, d_ff=cfg.d_ff, num_heads=cfg.num_heads,
+        num_layers=cfg.num_layers, num_decoder_layers=cfg.num_decoder_layers,
+        relative_attention_num_buckets=cfg.relative_attention_num_buckets,
+        relative_attention_max_distance=cfg.relative_attention_max_distance,
+        dropout_rate=0.0, layer_norm_epsilon=cfg.layer_norm_epsilon, feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False, decoder_start_token_id=HF_START_ID, pad_token_id=HF_PAD_ID,
+        eos_token_id=HF_EOS_ID, use_cache=True,
+    )
+    if not hf_cfg.is_gated_act or hf_cfg.dense_act_fn != "gelu_new":
+        raise RuntimeError("transformers no longer maps feed_forward_proj='gated-gelu' to gated gelu_new (tanh); "
+                           "the peer would compute a different FF")
+    return T5ForConditionalGeneration(hf_cfg).to(dtype)
+
+
+def to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: EncDecConfig) -> dict[str, torch.Tensor]:
+    """An MP-1 `EncDecModel` state dict -> `T5ForConditionalGeneration` names (cloned: the twins share nothing)."""
+    inner = cfg.num_heads * cfg.d_kv
+    out = {
+        "shared.weight": sd["word_embeds.weight"],
+        "lm_head.weight": sd["lm_head.weight"],
+        "encoder.final_layer_norm.weight": sd["encoder.final_layernorm.weight"],
+        "decoder.final_layer_norm.weight": sd["decoder.final_layernorm.weight"],
+    }
+    for stack, n_layers in (("encoder", cfg.num_layers), ("decoder", cfg.num_decoder_layers)):
+        for i in range(n_layers):
+            ours, hf = f"{stack}.blocks.{i}.", f"{stack}.block.{i}.layer."
+            q, k, v = sd[ours + "self_attn.self_attn.project.weight"].split(inner, dim=0)  # rows [Q; K; V]
+            out.update({hf + "0.SelfAttention.q.weight": q, hf + "0.SelfAttention.k.weight": k,
+                        hf + "0.SelfAttention.v.weight": v,
+                        hf + "0.SelfAttention.o.weight": sd[ours + "self_attn.self_attn.dense.weight"],
+                        hf + "0.layer_norm.weight": sd[ours + "self_attn.layer_norm.weight"]})
+            if i == 0:  # both store [buckets, heads]
+                out[hf + "0.SelfAttention.relative_attention_bias.weight"] = \
+                    sd[ours + "self_attn.self_attn.relative_attention_bias.weight"]
+            ff = 1
+            if stack == "decoder":
+                ck, cv = sd[ours + "cross_attn.cross_attn.project_kv.weight"].split(inner, dim=0)  # rows [K; V]
+                out.update({hf + "1.EncDecAttention.q.weight": sd[ours + "cross_attn.cross_attn.project_q.weight"],
+                            hf + "1.EncDecAttention.k.weight": ck, hf + "1.EncDecAttention.v.weight": cv,
+                            hf + "1.EncDecAttention.o.weight": sd[ours + "cross_attn.cross_attn.dense.weight"],
+                            hf + "1.layer_norm.weight": sd[ours + "cross_attn.layer_norm.weight"]})
+                ff = 2
+            for name in ("wi_0", "wi_1", "wo"):
+                out[hf + f"{ff}.DenseReluDense.{name}.weight"] = sd[ours + f"ff.dense_relu_dense.{name}.weight"]
+            out[hf + f"{ff}.layer_norm.weight"] = sd[ours + "ff.layer_norm.weight"]
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def build_pair(cfg: EncDecConfig, *, seed: int = 1234, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu", prompt_config: dict | None = None):
+    """(ours, hf): our model from `seed` and its HF twin holding the same weights, both on `device` in `dtype`."""
+    torch.manual_seed(seed)
+    ours = EncDecModel(cfg, parallel_output=True, prompt_config=prompt_config)
+    sd = {k: v for k, v in ours.state_dict().items() if k != "encoder.prompt_embeds.weight"}
+    hf = make_hf_model(cfg)
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(sd, cfg), strict=False)
+    tied = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}  # views of `shared`
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"HF mapping incomplete: missing {missing}, unexpected {unexpected}")
+    return ours.to(device=device, dtype=dtype), hf.to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def check_same_function(ours, hf, enc_ids: torch.Tensor, dec_ids: torch.Tensor, *, atol: float = 1e-3) -> float:
+    """Max |logit difference| of the twins on one batch; raises if they disagree (a wrong peer is no peer)."""
+    was = ours.training, hf.training
+    ours.eval(), hf.eval()
+    a = ours(enc_input_ids=enc_ids, dec_input_ids=dec_ids)["lm_logits"].float()
+    b = hf(input_ids=enc_ids, decoder_input_ids=dec_ids, use_cache=False).logits.float()
+    ours.train(was[0]), hf.train(was[1])
+    diff = (a - b).abs().max().item()
+    scale = b.abs().max().item()
+    if not diff <= atol * max(1.0, scale):
+        raise RuntimeError(f"the HF peer disagrees with our model: max |logit diff| {diff:.3g} (logit scale "
+                           f"{scale:.3g}); fix benchmarks/hf_peer.py before timing anything")
+    return diff
