@@ -64,7 +64,8 @@ def write_dataset(out_dir: str, *, train: int, dev: int, test: int, seed: int = 
                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         corpus.extend(f"{r['sentence1']}\n{r['sentence2']}" for r in rows)
     # The template and label words of the LCQMC task must be tokens of the demo vocab.
-    corpus.append("“”与的意思\n相似\n矛盾\n意思\n相似 矛盾 意思 相似 矛盾 意思")
+    # (and `；`, which the prompt layouts insert between segments).
+    corpus.append("“”与的意思\n相似\n矛盾\n意思\n；\n相似 矛盾 意思 ； 相似 矛盾 意思 ；")
     _write_atomic(os.path.join(out_dir, "corpus.txt"), "\n".join(corpus) + "\n")
     return counts
 

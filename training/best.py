@@ -2,7 +2,8 @@
 
 SAVE/best/latest_checkpointed_iteration.txt names the best step, so `--load SAVE/best` takes the best weights
 back. In prompt-only mode the files hold just `encoder.prompt_embeds.weight` (a few KB to MB); load them with
-`--load BASE --load-prompt SAVE/best`.
+`--load BASE --load-prompt SAVE/best`. For prompt runs SAVE/best/ also holds `prompt_config.json` and
+`base_checkpoint.json` (`{"load": BASE, "seed": S}`), written at start-up (training/prompt_tuning.py).
 """
 from __future__ import annotations
 

@@ -8,6 +8,11 @@ Layout under SAVE/checkpoints/:
     <step>/*optim_states.pt                 DeepSpeed's optimizer / ZeRO partitions
     <step>/rng_state_rank_XXXXX.pt          per-rank Python / numpy / torch / device / model-parallel RNG
     <step>/trainer_state.json               step, epoch, sampler position, best metrics, counters
+    prompt_config.json, base_checkpoint.json   prompt runs only (written at start-up by finetune_cpm2.build_model,
+                                            see training/prompt_tuning.py): with fix_model the step dirs hold the
+                                            prompt and its optimizer state only (`exclude_frozen_parameters`), so
+                                            `--resume` must bring the same `--load BASE`; it is checked against
+                                            base_checkpoint.json before anything loads
 
 A step dir is first written as `.tmp-<step>/<step>` by every rank, then renamed into place by rank 0 after a
 barrier, then the tracker is rewritten. A kill at any point leaves the previous tracker pointing at the previous

@@ -1,0 +1,1 @@
+"""Training: set-up, DeepSpeed engine, loop, evaluation, checkpoints (see docs/training.md)."""
