@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mpu
+from mpu.fast_linear import linear
 
 from .configuration_enc_dec import EncDecConfig
 from .transformer import LayerCache, Stack
@@ -53,6 +54,8 @@ def additive_mask(mask: Optional[torch.Tensor], *, q_len: int, k_len: int, dtype
             mask = mask[..., -q_len:, :]
         allowed = mask.to(device) != 0
         causal_offset = causal_offset if mask.size(-2) == 1 else None  # full masks already say what is visible
+    if causal_offset is not None and k_len <= causal_offset + 1:
+        causal_offset = None  # no key lies after the first query (a decode step): the causal mask hides nothing
     if causal_offset is not None:
         query = torch.arange(causal_offset, causal_offset + q_len, device=device)[:, None]  # [Lq, 1]
         causal = torch.arange(k_len, device=device)[None, :] <= query  # [Lq, Lk]
@@ -154,7 +157,7 @@ class EncDecModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[B, L, d]`` -> ``[B, L, V/mp]`` (``[B, L, V]`` when ``parallel_output`` is False)."""
         hidden = mpu.copy_to_model_parallel_region(hidden)
-        logits = F.linear(hidden, self.lm_head.weight.to(hidden.dtype))  # [B, L, V/mp]
+        logits = linear(hidden, self.lm_head.weight.to(hidden.dtype))  # [B, L, V/mp]
         return logits if self.parallel_output else mpu.gather_from_model_parallel_region(logits)
 
     def forward(self, enc_input_ids: Optional[torch.Tensor] = None,

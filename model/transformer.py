@@ -24,6 +24,7 @@ import mpu
 from mpu.layers import InitMethod
 
 from .configuration_enc_dec import EncDecConfig
+from .fast_inference import GrowableLayerCache, append_kv, single_query_attention
 
 LayerCache = dict[str, torch.Tensor]  # {"self_k", "self_v", "cross_k", "cross_v"}: [B, Hp, L, dk]
 
@@ -134,6 +135,23 @@ class Attention(nn.Module):
 
     def position_bias(self, q_len: int, k_len: int, offset: int, device: torch.device) -> torch.Tensor:
         """Relative position bias ``[1, Hp, Lq, Lk]`` for queries at absolute positions ``offset..offset+Lq-1``."""
+        if q_len == 1 and not torch.is_grad_enabled():
+            # Decode step: slice one row of a table built once per (weights, length bucket) instead of redoing the
+            # bucket maths every step; the values are the same (the bucket depends on key - query only).
+            return self._decode_bias_table(k_len, device)[:, :, offset:offset + 1, :k_len]
+        return self._position_bias(q_len, k_len, offset, device)
+
+    def _decode_bias_table(self, k_len: int, device: torch.device) -> torch.Tensor:
+        weight = self.relative_attention_bias.weight
+        key = (weight._version, weight.data_ptr(), weight.dtype, device)
+        cached = getattr(self, "_bias_table", None)
+        if cached is None or cached[0] != key or cached[1].size(-1) < k_len:
+            size = max(64, 1 << (k_len - 1).bit_length())
+            cached = (key, self._position_bias(size, size, 0, device))
+            self._bias_table = cached
+        return cached[1]
+
+    def _position_bias(self, q_len: int, k_len: int, offset: int, device: torch.device) -> torch.Tensor:
         query = torch.arange(offset, offset + q_len, device=device)[:, None]  # [Lq, 1]
         key = torch.arange(k_len, device=device)[None, :]  # [1, Lk]
         buckets = relative_position_bucket(key - query, bidirectional=self.bidirectional,
@@ -149,7 +167,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_bias: Optional[torch.Tensor], *,
                 kv_input: Optional[torch.Tensor] = None,
-                past_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                past_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None, grow_in_place: bool = False,
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """
         Args:
@@ -158,6 +176,8 @@ class Attention(nn.Module):
             kv_input: cross-attention only: encoder output ``[B, Lk, d]``; ignored when ``past_kv`` is given.
             past_kv: self-attention: K/V of earlier positions ``[B, Hp, L_past, dk]`` (new K/V are appended);
                 cross-attention: the cached encoder K/V ``[B, Hp, Le, dk]`` (used as is, never recomputed).
+            grow_in_place: self-attention ``past_kv`` are views of growable buffers (model/fast_inference.py):
+                write the new K/V into them instead of concatenating.
         Returns:
             ``([B, Lq, d], (k, v))`` with the K/V to cache, ``[B, Hp, Lk, dk]``.
         """
@@ -172,10 +192,17 @@ class Attention(nn.Module):
                 k, v = self._heads(self.project_kv(kv_input), 2)  # [B, Hp, Le, dk] each
         else:
             q, k, v = self._heads(self.project(x), 3)  # [B, Hp, Lq, dk] each
-            if past_kv is not None:
+            if past_kv is not None and grow_in_place:
+                k, v = append_kv(past_kv[0], k), append_kv(past_kv[1], v)  # [B, Hp, L_past + Lq, dk]
+            elif past_kv is not None:
                 k = torch.cat([past_kv[0], k], dim=2)  # [B, Hp, L_past + Lq, dk]
                 v = torch.cat([past_kv[1], v], dim=2)
         dropout = self.dropout_rate if self.training else 0.0
+        if q_len == 1 and dropout == 0.0:  # decode steps: two bmm beat SDPA's flash kernel for one query row
+            context = single_query_attention(q, k, v, attn_bias)  # [B, Hp, 1, dk]
+            return self.dense(context.transpose(1, 2).reshape(b, 1, self.heads * self.d_kv)), (k, v)
+        if k.size(0) != b:  # cross K/V shared by beams (CachedDecoder.expand_rows): copy them per row here only
+            k, v = k.repeat_interleave(b // k.size(0), dim=0), v.repeat_interleave(b // k.size(0), dim=0)
         # Attention-prob dropout acts on sharded heads: draw it from the model-parallel RNG stream.
         with _parallel_dropout_context(dropout > 0):
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout,
@@ -234,8 +261,8 @@ class SelfAttentionLayer(_PreNormResidual):
                                    bidirectional=bidirectional, init_method=init_method,
                                    output_init_method=output_init_method)
 
-    def forward(self, h, attn_bias, past_kv=None):
-        out, kv = self.self_attn(self.layer_norm(h), attn_bias, past_kv=past_kv)
+    def forward(self, h, attn_bias, past_kv=None, grow_in_place=False):
+        out, kv = self.self_attn(self.layer_norm(h), attn_bias, past_kv=past_kv, grow_in_place=grow_in_place)
         return self.residual(h, out), kv
 
 
@@ -279,12 +306,14 @@ class Block(nn.Module):
                 ) -> tuple[torch.Tensor, Optional[LayerCache]]:
         """``h [B, Lq, d]`` -> ``(h [B, Lq, d], cache)``; the cache (decoder only) holds this layer's K/V."""
         self_past = (past["self_k"], past["self_v"]) if past is not None else None
-        h, (self_k, self_v) = self.self_attn(h, self_bias, past_kv=self_past)
+        grow = isinstance(past, GrowableLayerCache)  # the returned cache stays growable
+        h, (self_k, self_v) = self.self_attn(h, self_bias, past_kv=self_past, grow_in_place=grow)
         if not self.is_decoder:
             return self.ff(h), None
         cross_past = (past["cross_k"], past["cross_v"]) if past is not None else None
         h, (cross_k, cross_v) = self.cross_attn(h, enc_hidden, cross_bias, past_kv=cross_past)
-        return self.ff(h), {"self_k": self_k, "self_v": self_v, "cross_k": cross_k, "cross_v": cross_v}
+        cache = {"self_k": self_k, "self_v": self_v, "cross_k": cross_k, "cross_v": cross_v}
+        return self.ff(h), (GrowableLayerCache(cache) if grow else cache)
 
 
 class Stack(nn.Module):

@@ -4,7 +4,8 @@ Initialisation builds the full master weight on CPU from the global torch RNG, t
 slice, so the same seed gives the same full weights at any MP size (SPEC §2 "Init").
 
 Every layer computes in the dtype of its input: the weight is cast with ``weight.to(x.dtype)`` (a no-op in the
-usual case). The model relies on this to run one matmul (the FF ``wo``) in fp32 under fp16.
+usual case). The model relies on this to run one matmul (the FF ``wo``) in fp32 under fp16. The matmul itself is
+:func:`mpu.fast_linear.linear` (``F.linear``, through oneDNN on CPU fp32: see that module for why).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .fast_linear import linear
 from .initialize import group_rank, group_world_size, resolve_group
 from .mappings import (
     copy_to_model_parallel_region,
@@ -128,7 +130,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = copy_to_model_parallel_region(x, self.group)
-        y = F.linear(x, self.weight.to(x.dtype))  # [*, out/p]
+        y = linear(x, self.weight.to(x.dtype))  # [*, out/p]
         return gather_from_model_parallel_region(y, self.group) if self.gather_output else y
 
 
@@ -154,5 +156,5 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_model_parallel_region(x, self.group)
-        y = F.linear(x, self.weight.to(x.dtype))  # [*, out], partial sum over this rank's inputs
+        y = linear(x, self.weight.to(x.dtype))  # [*, out], partial sum over this rank's inputs
         return reduce_from_model_parallel_region(y, self.group)

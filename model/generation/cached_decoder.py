@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 import mpu
+from model.fast_inference import GrowableLayerCache, make_growable, reorder_growable
 
 
 def full_vocab_logits(model: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:
@@ -38,6 +39,7 @@ class CachedDecoder:
         enc_input_ids: torch.Tensor,
         enc_attention_mask: Optional[torch.Tensor],
         cross_attention_mask: Optional[torch.Tensor],
+        capacity: Optional[int] = None,
     ) -> None:
         self.model = model
         self.enc_input_ids = enc_input_ids  # [B, Le]
@@ -47,6 +49,10 @@ class CachedDecoder:
         self.batch_size, self.device = enc_input_ids.size(0), enc_input_ids.device
         self.past: Optional[list] = None
         self.num_calls = 0
+        # Decoder positions the self-attention cache will reach (prefix + new tokens): with it, step() grows the
+        # cache in place in preallocated buffers (model/fast_inference.py) instead of concatenating every step.
+        self.capacity = capacity
+        self._spare: Optional[list] = None  # beam search: the second set of cache buffers reorder_rows copies into
 
     def _decode(self, dec_input_ids: torch.Tensor) -> torch.Tensor:
         out = self.model(
@@ -82,13 +88,15 @@ class CachedDecoder:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one new token per row [N]; returns the next logits [N, V] fp32."""
+        if self.capacity is not None and not isinstance(self.past[0], GrowableLayerCache):
+            self.past = make_growable(self.past, self.capacity)  # once, after start() (and expand_rows)
         return self._decode(tokens[:, None])
 
     def expand_rows(self, k: int) -> None:
         """Repeat every example k times (row b -> rows b*k .. b*k+k-1), cache included (beam search).
 
-        Done once after the prefix call, so the prefix and the cross K/V are computed for B rows only and copied;
-        afterwards `reorder_rows` moves only the self-attention cache.
+        Done once after the prefix call, so the prefix and the cross K/V are computed for B rows only; the self
+        K/V are copied per beam, the cross K/V are shared (never copied); `reorder_rows` moves only the self K/V.
         """
         def rep(x):
             return None if x is None else x.repeat_interleave(k, dim=0)
@@ -97,13 +105,19 @@ class CachedDecoder:
             raise RuntimeError("CachedDecoder.expand_rows needs the cache: call start() first")
         self.batch_size *= k
         self.cross_attention_mask = rep(self.cross_attention_mask)
-        self.past = [{name: rep(t) for name, t in layer.items()} for layer in self.past]
+        # Cross K/V stay one row per example: the model's single-query attention lets the k beams of an example
+        # share them (model/fast_inference.py), which saves copying them k times and reading them k times per step.
+        self.past = [{name: t if name.startswith("cross") else rep(t) for name, t in layer.items()}
+                     for layer in self.past]
 
     def reorder_rows(self, rows: torch.Tensor) -> None:
         """Row i of the self-attention cache becomes old row `rows[i]` [N] (beam search).
 
         The cross K/V are not touched: beams only move within their example, whose rows share one cross K/V.
         """
+        if isinstance(self.past[0], GrowableLayerCache):
+            self.past, self._spare = reorder_growable(self.past, rows, self._spare)
+            return
         self.past = [
             {**layer, "self_k": _select_rows(layer["self_k"], rows), "self_v": _select_rows(layer["self_v"], rows)}
             for layer in self.past

@@ -66,7 +66,8 @@ def generate(
             "generator=torch.Generator().manual_seed(seed) with the same seed on every rank of the MP group "
             "(otherwise the ranks could draw different tokens)"
         )
-    decoder = CachedDecoder(model, enc_input_ids, enc_attention_mask, cross_attention_mask)
+    decoder = CachedDecoder(model, enc_input_ids, enc_attention_mask, cross_attention_mask,
+                            capacity=len(config.decoder_prefix) + config.max_length)
     if config.num_beams > 1:
         return beam_search(decoder, config)
     return greedy_or_sample(decoder, config, generator)
