@@ -26,9 +26,13 @@ def check_save_dir(path: str) -> None:
         os.makedirs(path, exist_ok=True)
         with open(probe, "w") as f:
             f.write("ok")
-        os.remove(probe)
+            f.flush()
+            os.fsync(f.fileno())  # a full disk may only say so here
     except OSError as e:
-        raise RuntimeError(f"--save {path} is not writable ({e.strerror}); choose another dir or free space") from e
+        raise RuntimeError(f"--save {path} is not writable ({e.strerror or e}); choose another dir or free space") from e
+    finally:
+        if os.path.exists(probe):  # also after a failed write: leave nothing behind
+            os.remove(probe)
 
 
 def generation_config(args, task, tokenizer):
@@ -52,7 +56,15 @@ def build_model(args, dist, tokenizer, prompt_cfg):
     from model import EncDecConfig, EncDecModel
     from model.checkpoint import load_checkpoint
     from training import prompt_tuning
+    from training.state import checkpoint_root, latest_step
 
+    prompt_only = prompt_cfg is not None and prompt_cfg.fix_model
+    if args.resume and prompt_only and latest_step(args.save) is not None:
+        # The resume checkpoint holds the prompt alone: the frozen weights must come from the same base.
+        prompt_tuning.check_resume_base(checkpoint_root(args.save), load=args.load, seed=args.seed)
+    if prompt_cfg is not None and args.do_train and args.save and dist.is_main:
+        for where in (checkpoint_root(args.save), os.path.join(args.save, "best")):
+            prompt_tuning.write_prompt_metadata(where, prompt_cfg, load=args.load, seed=args.seed)
     config = EncDecConfig.from_json_file(args.model_config)
     config.vocab_size = tokenizer.vocab_size
     model = EncDecModel(config, parallel_output=True, checkpoint_activations=args.checkpoint_activations,
@@ -152,7 +164,7 @@ def run(args, dist):
     score_token = tokenizer.token_to_id(task.score_token) if getattr(task, "score_token", None) else None
     eval_ctx = EvalContext(model=model, task=task, tokenizer=tokenizer, device=dist.device,
                            gen_config=generation_config(args, task, tokenizer) if task.kind == "generate" else None,
-                           score_token_id=score_token, show_progress=dist.is_main)
+                           score_token_id=score_token, show_progress=dist.is_main, seed=args.seed)
     eval_batches = {name: EvalBatches(ds, collate, batch_size=args.eval_batch_size, dp_rank=dist.dp_rank,
                                       dp_size=dist.dp_size, num_workers=args.num_workers)
                     for name, ds in data.items() if name != "train"}
@@ -215,10 +227,33 @@ def evaluate_and_write(ctx, dataset, batches, save_dir: str, split: str, sink) -
     logger.info("%s: %s -> %s/%s/", split, json.dumps(metrics, ensure_ascii=False), save_dir, split)
 
 
+def explain_failure(e: BaseException) -> str:
+    """The one-line message for an error a user can act on (bad flags, data, checkpoint, disk, a dead peer)."""
+    import torch.distributed as dist
+
+    rank = os.environ.get("RANK", "0")
+    # gloo's "Connection reset by peer" / "Timed out" arrive as plain RuntimeErrors; NCCL's as DistBackendError.
+    markers = ("gloo", "nccl", "processgroup", "connection reset by peer", "connection closed by peer")
+    if isinstance(e, getattr(dist, "DistError", ())) or (
+            isinstance(e, RuntimeError) and any(m in str(e).lower() for m in markers)):
+        # gloo/NCCL name the peer's address, not its rank; the launcher's report and the dead rank's own
+        # log lines (every rank logs warnings and errors) name it.
+        return (f"rank {rank}: a collective operation failed, most likely because another process of this run "
+                f"died or hung (see the launcher's failure report and the other ranks' log lines, which name "
+                f"the rank; CPM2_DIST_TIMEOUT_MINUTES bounds the wait for a hung one): {e}")
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+        # e.g. ENOSPC / EACCES while writing a checkpoint or predictions: every write is atomic, so the
+        # previous checkpoint and tracker are intact and --resume continues from them once there is space.
+        return (f"rank {rank}: cannot write {e.filename or 'an output file'} ({e.strerror or e}); free space or "
+                f"fix permissions, then rerun with --resume: the previous checkpoint is intact")
+    return str(e)
+
+
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
-        logging.getLogger("cpm2").error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError, KeyError, RuntimeError) as e:  # FileNotFoundError is an OSError
+        message = explain_failure(e)
+        logging.getLogger("cpm2").error("%s", message)
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)

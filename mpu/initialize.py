@@ -8,6 +8,7 @@ made, so a plain Python process (or a test that builds an unsharded reference) w
 """
 from __future__ import annotations
 
+import datetime
 from typing import Optional
 
 import torch.distributed as dist
@@ -18,8 +19,12 @@ _MODEL_PARALLEL_RANKS: Optional[list[int]] = None
 _DATA_PARALLEL_RANKS: Optional[list[int]] = None
 
 
-def initialize_model_parallel(model_parallel_size: int) -> None:
-    """Create the MP and DP groups; every rank must call this (``new_group`` is collective)."""
+def initialize_model_parallel(model_parallel_size: int, *, timeout: Optional[datetime.timedelta] = None) -> None:
+    """Create the MP and DP groups; every rank must call this (``new_group`` is collective).
+
+    ``timeout`` bounds every collective on these groups. Pass the world group's: ``new_group`` does not inherit
+    it but falls back to torch's 30-minute default, so a hung peer would stall an MP/DP all-reduce that long.
+    """
     global _MODEL_PARALLEL_GROUP, _DATA_PARALLEL_GROUP, _MODEL_PARALLEL_RANKS, _DATA_PARALLEL_RANKS
     if not dist.is_initialized():
         raise RuntimeError("initialize_model_parallel needs torch.distributed initialised first "
@@ -35,12 +40,12 @@ def initialize_model_parallel(model_parallel_size: int) -> None:
     # new_group must be entered by every rank for every group, in the same order.
     for i in range(model_parallel_size):
         ranks = list(range(i, world_size, model_parallel_size))
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             _DATA_PARALLEL_GROUP, _DATA_PARALLEL_RANKS = group, ranks
     for i in range(data_parallel_size):
         ranks = list(range(i * model_parallel_size, (i + 1) * model_parallel_size))
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             _MODEL_PARALLEL_GROUP, _MODEL_PARALLEL_RANKS = group, ranks
 

@@ -34,6 +34,8 @@ class EvalContext:
     gen_config: object | None       # model.generation.GenerationConfig for generate tasks
     score_token_id: int | None      # rank tasks
     show_progress: bool
+    seed: int = 1234                # sampling: every evaluation draws from a generator seeded with it, so runs
+                                    # are reproducible and all model-parallel ranks draw the same tokens
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -76,7 +78,7 @@ def _generate(ctx: EvalContext, batch: dict, examples: list[dict]) -> tuple[list
     enc_mask = batch["enc_attention_mask"]
     if enc_mask.dim() != 2:  # prompt mask ablations: generation takes the key-padding mask
         enc_mask = batch["cross_attention_mask"]
-    tokens = generate(ctx.model, batch["enc_input_ids"], enc_mask, ctx.gen_config)
+    tokens = generate(ctx.model, batch["enc_input_ids"], enc_mask, ctx.gen_config, generator=ctx.generator)
     cfg = ctx.gen_config
     records = []
     for row, ex in enumerate(examples):
@@ -123,6 +125,7 @@ def _gather_records(records: list[dict]) -> list[dict]:
 def run_evaluation(ctx: EvalContext, dataset, batches: Iterable[tuple[dict, list[int]]], *, desc: str) -> tuple[dict, list[dict]]:
     """Score every example of this rank's shard; returns (metrics, records sorted by dataset index)."""
     scorer = SCORERS[ctx.task.kind]
+    ctx.generator = torch.Generator(device=ctx.device).manual_seed(ctx.seed)
     was_training = ctx.model.training
     ctx.model.eval()
     records: list[dict] = []
@@ -167,8 +170,13 @@ def _mean_over_dp(local_mean: float, n: int) -> float:
 
 
 def write_results(save_dir: str, split: str, metrics: dict, records: list[dict]) -> None:
-    """SAVE/<split>/predictions.jsonl then metrics.json, each written to a temp file and renamed."""
-    from model.checkpoint import atomic_write_text
+    """SAVE/<split>/predictions.jsonl and metrics.json, replaced as a pair.
+
+    Both files are first written in full to temp files beside them (the step that can fail on a full disk);
+    only then are both renamed into place. A failed write leaves the previous pair untouched, never new
+    predictions beside old metrics.
+    """
+    import tempfile
 
     out_dir = os.path.join(save_dir, split)
     os.makedirs(out_dir, exist_ok=True)
@@ -176,5 +184,21 @@ def write_results(save_dir: str, split: str, metrics: dict, records: list[dict])
     for r in records:
         rec = {k: v for k, v in r.items() if k != "index"}
         lines.append(json.dumps(rec, ensure_ascii=False))
-    atomic_write_text(os.path.join(out_dir, "predictions.jsonl"), "\n".join(lines) + ("\n" if lines else ""))
-    atomic_write_text(os.path.join(out_dir, "metrics.json"), json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    contents = {"predictions.jsonl": "\n".join(lines) + ("\n" if lines else ""),
+                "metrics.json": json.dumps(metrics, indent=2, ensure_ascii=False) + "\n"}
+    staged: dict[str, str] = {}  # final name -> temp path
+    try:
+        for name, text in contents.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir)
+            staged[name] = tmp
+            os.fchmod(fd, 0o644)
+            with os.fdopen(fd, "wb") as f:
+                f.write(text.encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+        for name, tmp in staged.items():
+            os.replace(tmp, os.path.join(out_dir, name))
+    finally:
+        for tmp in staged.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)

@@ -83,7 +83,7 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------------------
     def forward_backward(self, batch: dict) -> torch.Tensor:
         out = self.engine(**model_inputs(batch))
-        loss = self.loss_fn(out["lm_logits"], batch)
+        loss = faults.maybe_poison_loss(self.loss_fn(out["lm_logits"], batch), self.global_step + 1)
         self.engine.backward(loss)
         return loss.detach()
 
@@ -102,24 +102,38 @@ class Trainer:
         self._check_finite(loss)
         faults.maybe_kill("step")
         self.last_lr = self.engine.get_lr()[0]  # the lr this update uses (the scheduler moves on in step())
+        skipped_before = getattr(self.engine, "skipped_steps", 0)
         self.engine.step()  # the boundary: DeepSpeed clips, (un)scales and applies the update
+        if self.s.fp16 and getattr(self.engine, "skipped_steps", 0) > skipped_before:
+            # DeepSpeed skipped the update and lowered the loss scale. Its own message is at INFO, which
+            # setup_logging silences, so say it here, after the step, with the new scale (a host-side counter).
+            if self.nonfinite_streak:
+                logger.warning("step %d: non-finite loss (fp16 overflow), update skipped, loss scale now %s (%d in a "
+                               "row of at most %d)", self.global_step + 1, self._loss_scale(), self.nonfinite_streak,
+                               self.s.max_nonfinite_steps)
+            else:
+                logger.warning("step %d: fp16 gradient overflow, update skipped, loss scale now %s",
+                               self.global_step + 1, self._loss_scale())
         return loss
 
     def _check_finite(self, loss: torch.Tensor) -> None:
-        if bool(torch.isfinite(loss).item()):
+        # Decide on the data-parallel mean, not this rank's loss: with one rank's loss non-finite, the
+        # all-reduced gradients are non-finite on every rank, so every rank must stop (or skip) together; a
+        # rank-local decision would leave the others stepping into collectives the stopped rank never joins.
+        if bool(torch.isfinite(_mean_over_data_parallel(loss)).item()):
             self.nonfinite_streak = 0
             return
         self.nonfinite_streak += 1
-        if self.s.fp16:
-            # DeepSpeed skipped this step and lowered the loss scale; stop only if it never recovers.
-            logger.warning("step %d: non-finite loss (fp16 overflow), step skipped, loss scale now %s (%d in a row)",
-                           self.global_step, self._loss_scale(), self.nonfinite_streak)
-            if self.nonfinite_streak < self.s.max_nonfinite_steps:
-                return
+        step = self.global_step + 1  # 1-based, as in the log lines
+        if self.s.fp16 and self.nonfinite_streak < self.s.max_nonfinite_steps:
+            # DeepSpeed skips this update and lowers the loss scale (logged after the step); stop only if the
+            # scaler never recovers.
+            return
         raise NonFiniteLossError(
-            f"loss is non-finite at step {self.global_step} ({self.nonfinite_streak} step(s) in a row); "
-            "lower --lr, check the data, or use --bf16 instead of --fp16. The last good state is saved in "
-            f"{self.s.save_dir}/checkpoints (resume with --resume).")
+            f"loss is non-finite at step {step} ({self.nonfinite_streak} step(s) in a row"
+            + (f", --max-nonfinite-steps {self.s.max_nonfinite_steps}" if self.s.fp16 else ", fp32/bf16 stop at once")
+            + "); lower --lr, check the data, or use --bf16 instead of --fp16. The last good state (step "
+            f"{self.global_step}) is saved in {self.s.save_dir}/checkpoints (resume with --resume).")
 
     def _loss_scale(self):
         opt = getattr(self.engine, "optimizer", None)

@@ -127,10 +127,18 @@ def init_distributed(mp_size: int, timeout_minutes: float | None = None) -> Dist
     else:
         device = torch.device("cpu")
     if timeout_minutes is None:
-        timeout_minutes = float(os.environ.get("CPM2_DIST_TIMEOUT_MINUTES", "30"))
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                               timeout=datetime.timedelta(minutes=timeout_minutes))
-    mpu.initialize_model_parallel(mp_size)
+        # Bounds every collective and the rendezvous: a rank that hangs (or dies where no launcher notices)
+        # makes the others fail after this long instead of waiting for ever (docs/reliability.md).
+        raw = os.environ.get("CPM2_DIST_TIMEOUT_MINUTES", "30")
+        try:
+            timeout_minutes = float(raw)
+        except ValueError:
+            timeout_minutes = -1.0
+        if not timeout_minutes > 0:
+            raise ValueError(f"CPM2_DIST_TIMEOUT_MINUTES={raw!r} must be a positive number of minutes (default 30)")
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
+    mpu.initialize_model_parallel(mp_size, timeout=timeout)  # new groups do not inherit the world's timeout
     return DistInfo(
         rank=rank, world_size=world_size, local_rank=local_rank,
         mp_size=mp_size, mp_rank=mpu.get_model_parallel_rank(),

@@ -373,6 +373,11 @@ class Task:
             raise DataError(f"no {split} examples for task {self.name!r} in this file", file=files[0])
         seen: dict[Any, int] = {}
         for number, example in enumerate(result.examples):
+            try:
+                hash(example["id"])
+            except TypeError:  # a JSON list or object given as "id" (found by tests/reliability fuzzing)
+                raise DataError(f"example {number} has id {example['id']!r}: an id must be a string or a number",
+                                file=files[0], field="id") from None
             if example["id"] in seen:
                 raise DataError(f"example id {example['id']!r} appears twice (examples {seen[example['id']]} "
                                 f"and {number}); ids must be unique within a split", file=files[0])
