@@ -96,5 +96,14 @@ def metrics(save: Path, split: str) -> dict:
     return json.loads((save / split / "metrics.json").read_text())
 
 
+def same_metrics(a: dict, b: dict) -> bool:
+    """Equal metrics from two processes: every key exactly, except the mean loss within 1e-6 (relative). The
+    oneDNN GEMM may sum in another order in a fresh process (memory alignment), moving the loss in its last bits;
+    predictions, and so every task metric, must not move at all."""
+    if a.keys() != b.keys():
+        return False
+    return all(abs(a[k] - b[k]) <= 1e-6 * max(1.0, abs(a[k])) if k == "loss" else a[k] == b[k] for k in a)
+
+
 def predictions(save: Path, split: str) -> list[dict]:
     return [json.loads(line) for line in open(save / split / "predictions.jsonl", encoding="utf-8")]

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.prompt.common import (PROMPT_LEN, make_base_checkpoint, make_prompt_task, metrics, predictions,
+from tests.prompt.common import (PROMPT_LEN, make_base_checkpoint, make_prompt_task, metrics, predictions, same_metrics,
                                  prompt_config, saved_prompt, tiny_model, write_json)
 from tests.training.helpers import TINY_CONFIG, base_args, model_weights, run_finetune
 
@@ -171,7 +171,8 @@ def test_frozen_random_model_learns_through_its_prompt_alone(task, tmp_path):
     untrained = tmp_path / "untrained"
     run_finetune(base_args(data, vocab, untrained, *common, "--do-eval"))
     chance = metrics(untrained, "test")["accuracy"]
-    assert chance <= 0.65, chance
+    # 16 balanced examples: a chance-level model scores 13/16 or more with probability ~1% (binomial).
+    assert chance <= 0.75, chance
 
     trained = tmp_path / "trained"
     run_finetune(base_args(data, vocab, trained, *common, "--do-train", "--do-valid", "--do-eval", "--batch-size", "8",
@@ -184,7 +185,7 @@ def test_frozen_random_model_learns_through_its_prompt_alone(task, tmp_path):
 
     again = tmp_path / "again"
     run_finetune(base_args(data, vocab, again, *common, "--load-prompt", str(trained / "best"), "--do-eval"))
-    assert metrics(again, "test") == final
+    assert same_metrics(metrics(again, "test"), final)
     assert predictions(again, "test") == predictions(trained, "test")
 
 

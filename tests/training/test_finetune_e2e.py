@@ -100,3 +100,20 @@ def test_bad_flags_fail_before_any_work(task, tmp_path):
     proc = run_finetune(base_args(data, vocab, tmp_path / "x", "--do-train", "--random-init", "--no-such-flag"),
                         check=False)
     assert proc.returncode == 2 and "unrecognized arguments" in proc.stderr
+
+
+def test_do_infer_writes_predictions_for_unlabelled_data(task, tmp_path):
+    """--do-infer reads the `infer` split (no labels), predicts with the loaded weights and writes predictions."""
+    data, vocab = task
+    infer_dir = tmp_path / "data"
+    infer_dir.mkdir()
+    rows = [json.loads(line) for line in open(data / "test.jsonl", encoding="utf-8")][:5]
+    with open(infer_dir / "infer.jsonl", "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps({"sentence1": r["sentence1"], "sentence2": r["sentence2"]}, ensure_ascii=False) + "\n")
+    save = tmp_path / "infer"
+    run_finetune(base_args(infer_dir, vocab, save, "--random-init", "--do-infer"))
+    preds = [json.loads(line) for line in open(save / "infer" / "predictions.jsonl", encoding="utf-8")]
+    assert len(preds) == 5 and all(p["reference"] is None for p in preds)
+    assert {p["prediction"] for p in preds} <= {"相似", "矛盾"}
+    assert json.loads((save / "infer" / "metrics.json").read_text())["num_examples"] == 5
