@@ -40,3 +40,12 @@ def cn_en_vocab() -> pathlib.Path:
 @pytest.fixture
 def shared_data() -> pathlib.Path:
     return _need(SHARED / "data")
+
+
+try:  # property tests: the same examples on every run, so CI never turns red on a draw it cannot reproduce
+    from hypothesis import settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile("cpm2", derandomize=True, deadline=None)
+    _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "cpm2"))
+except ImportError:  # hypothesis is a test requirement; tests that use it fail loudly on their own import
+    pass
