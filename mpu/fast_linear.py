@@ -8,10 +8,13 @@ prepacked ("blocked") weight layout is 2-2.5x faster again. The results equal ``
 
 Three paths, chosen per call:
 
-- ``torch.inference_mode()`` (``generate``): the weight is reordered once into oneDNN's blocked layout and cached,
-  keyed by the Parameter and checked against its ``_version`` and ``data_ptr`` on every call, so an optimizer step
-  or ``load_state_dict`` (both bump the version) repacks before the next use; training never sees a stale copy.
-  The cache holds one extra copy of each weight used under inference mode (dropped with the weight).
+- ``torch.inference_mode()`` inside a :func:`packed_weights` block (one ``generate`` or evaluation call): the
+  weight is reordered once into oneDNN's blocked layout and cached for the rest of the block (also keyed by the
+  Parameter's ``_version`` and ``data_ptr``). The cache is emptied when the outermost block ends, because
+  DeepSpeed's ZeRO optimizers write updated weights through ``.data`` views of a flat buffer, which changes neither
+  ``_version`` nor ``data_ptr``: a cache that outlived the call served stale weights to the next evaluation.
+  Inference mode outside a block uses oneDNN on the plain weight. While a block runs, the cache holds one extra
+  copy of each weight.
 - autograd (training): :class:`_OneDNNLinear`, whose forward and both backward GEMMs are oneDNN calls on the
   plain (unpacked) tensors; weights change every step, so nothing is cached.
 - anything else (other dtypes, other devices, tracing, oneDNN unavailable, ``CPM2_ONEDNN_LINEAR=0``):
@@ -19,8 +22,10 @@ Three paths, chosen per call:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import weakref
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +44,22 @@ def set_enabled(enabled: bool) -> bool:
     if not _ENABLED:
         _PACKED.clear()
     return previous
+
+
+_PACK_DEPTH = 0  # nesting depth of packed_weights() blocks
+
+
+@contextlib.contextmanager
+def packed_weights() -> Iterator[None]:
+    """Let inference-mode calls in this block reuse packed weights; the block must not change any weight."""
+    global _PACK_DEPTH
+    _PACK_DEPTH += 1
+    try:
+        yield
+    finally:
+        _PACK_DEPTH -= 1
+        if _PACK_DEPTH == 0:
+            _PACKED.clear()
 
 
 def _usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -96,7 +117,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if not _usable(x, weight):
         return F.linear(x, weight)
     if torch.is_inference_mode_enabled():
-        return _onednn(x, packed_weight(weight))
+        return _onednn(x, packed_weight(weight) if _PACK_DEPTH else weight)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         # The Function sees 2-D tensors and the [*, out] view is taken outside it: an output that is a view made
         # inside a custom Function could not be modified in place afterwards (autograd forbids it).

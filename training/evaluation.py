@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 import mpu
+from mpu import fast_linear
 from training import faults
 from training.objectives import lm_loss, model_inputs, token_logit
 
@@ -130,17 +131,19 @@ def run_evaluation(ctx: EvalContext, dataset, batches: Iterable[tuple[dict, list
     ctx.model.eval()
     records: list[dict] = []
     loss_sum, n_batches = None, 0
+    # No weight changes during an evaluation: oneDNN may pack them once for all its batches (mpu.fast_linear).
     try:
-        for batch, indices in tqdm(batches, desc=desc, disable=not ctx.show_progress, leave=False):
-            batch = _to_device(batch, ctx.device)
-            examples = [dataset[i] for i in indices]
-            recs, loss = scorer(ctx, batch, examples)
-            for rec, idx in zip(recs, indices):
-                rec["index"] = idx
-            records.extend(recs)
-            faults.maybe_kill("eval")
-            loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
-            n_batches += 1
+        with fast_linear.packed_weights():
+            for batch, indices in tqdm(batches, desc=desc, disable=not ctx.show_progress, leave=False):
+                batch = _to_device(batch, ctx.device)
+                examples = [dataset[i] for i in indices]
+                recs, loss = scorer(ctx, batch, examples)
+                for rec, idx in zip(recs, indices):
+                    rec["index"] = idx
+                records.extend(recs)
+                faults.maybe_kill("eval")
+                loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
+                n_batches += 1
     finally:
         ctx.model.train(was_training)
     local_loss = (loss_sum.item() / n_batches) if n_batches else float("nan")

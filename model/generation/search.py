@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 import mpu
+from mpu import fast_linear
 
 from .beam_search import beam_search
 from .cached_decoder import CachedDecoder
@@ -66,11 +67,13 @@ def generate(
             "generator=torch.Generator().manual_seed(seed) with the same seed on every rank of the MP group "
             "(otherwise the ranks could draw different tokens)"
         )
-    decoder = CachedDecoder(model, enc_input_ids, enc_attention_mask, cross_attention_mask,
-                            capacity=len(config.decoder_prefix) + config.max_length)
-    if config.num_beams > 1:
-        return beam_search(decoder, config)
-    return greedy_or_sample(decoder, config, generator)
+    # Weights cannot change during one generate call: pack them for oneDNN once (mpu.fast_linear).
+    with fast_linear.packed_weights():
+        decoder = CachedDecoder(model, enc_input_ids, enc_attention_mask, cross_attention_mask,
+                                capacity=len(config.decoder_prefix) + config.max_length)
+        if config.num_beams > 1:
+            return beam_search(decoder, config)
+        return greedy_or_sample(decoder, config, generator)
 
 
 def greedy_or_sample(

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from tests.training.helpers import (base_args, env_for, make_task_dir, model_weights, run_finetune, train_losses)
+from tests.training.helpers import (ROOT, base_args, env_for, make_task_dir, model_weights, run_finetune,
+                                    train_losses)
 
 TRAIN = ["--do-train", "--random-init", "--batch-size", "8", "--lr", "3e-3", "--log-interval", "1", "--seed", "7"]
 
@@ -117,3 +118,22 @@ def test_do_infer_writes_predictions_for_unlabelled_data(task, tmp_path):
     assert len(preds) == 5 and all(p["reference"] is None for p in preds)
     assert {p["prediction"] for p in preds} <= {"相似", "矛盾"}
     assert json.loads((save / "infer" / "metrics.json").read_text())["num_examples"] == 5
+
+
+def test_zero1_dev_metric_matches_the_saved_weights(task, tmp_path):
+    """Regression: DeepSpeed's ZeRO optimizers write updated weights through `.data` views of a flat buffer
+    (no `_version` bump), and a oneDNN packed-weight cache that outlived one evaluation once served the weights of
+    the first evaluation to every later one: the dev metric logged at a step did not belong to that step's weights.
+    The final dev evaluation (after earlier ones) must equal a fresh evaluation of the final checkpoint."""
+    data, vocab = task
+    save = tmp_path / "zero1"
+    ds = str(ROOT / "configs" / "deepspeed" / "ds_full_model.json")  # ZeRO stage 1, as the shipped scripts
+    run_finetune(base_args(data, vocab, save, *TRAIN, "--do-valid", "--deepspeed_config", ds, "--epochs", "2",
+                           "--eval-interval", "4", "--save-interval", "100"))
+    logged = [json.loads(line) for line in open(save / "metrics.jsonl", encoding="utf-8") if '"dev"' in line]
+    assert len(logged) >= 2 and logged[-1]["step"] == 16
+    again = tmp_path / "again"
+    run_finetune(base_args(data, vocab, again, "--load", str(save / "checkpoints"), "--do-valid"))
+    reloaded = json.loads((again / "dev" / "metrics.json").read_text())
+    assert reloaded["accuracy"] == logged[-1]["accuracy"]
+    assert reloaded["loss"] == pytest.approx(logged[-1]["loss"], rel=1e-5)
