@@ -148,10 +148,15 @@ def bench_generate(plan: Plan, pair, beams: int) -> Dict[str, object]:
             return elapsed
         return run
 
-    seconds = alternate({
-        "ours": runner("ours", lambda: ours_generate(ours_model, ids, mask, new_tokens=new, beams=beams)),
-        "peer": runner("peer", lambda: hf_generate(hf, ids, mask, new_tokens=new, beams=beams)),
-    }, reps=plan.gen_reps, warmup=plan.warmup)
+    from mpu import fast_linear
+
+    # As an evaluation does (training/evaluation.py): the weights are packed for oneDNN once per evaluation, not
+    # per batch. A lone generate() call packs its own (RESULTS.md gives that figure too).
+    with fast_linear.packed_weights():
+        seconds = alternate({
+            "ours": runner("ours", lambda: ours_generate(ours_model, ids, mask, new_tokens=new, beams=beams)),
+            "peer": runner("peer", lambda: hf_generate(hf, ids, mask, new_tokens=new, beams=beams)),
+        }, reps=plan.gen_reps, warmup=plan.warmup)
     same = (outputs["ours"] == outputs["peer"]).float().mean().item()
     t_ours, t_peer = median(seconds["ours"]), median(seconds["peer"])
     name = "generate_greedy" if beams == 1 else f"generate_beam{beams}"
