@@ -44,5 +44,7 @@ print(f"test accuracy with the best weights: {test['accuracy']:.3f}")
 print(f"the best checkpoint reloaded with --load: dev accuracy {reload_dev['accuracy']:.3f}")
 if best["entries"][0]["value"] < 0.7:
     sys.exit("demo failed: dev accuracy below 0.7")
+if reload_dev["accuracy"] != best["entries"][0]["value"]:
+    sys.exit("demo failed: the reloaded best checkpoint does not reproduce its dev accuracy")
 print(f"predictions: {out}/predictions.jsonl | metrics: {out}/metrics.json | TensorBoard: tensorboard --logdir {out}/tensorboard")
 PY
