@@ -1,7 +1,7 @@
 """The benchmark peer: Hugging Face `T5ForConditionalGeneration` with our config and our weights (SPEC §2 mapping).
 
-Written from the SPEC's mapping table (not from `model/checkpoint_hf.py`), so a benchmark never times a peer that
-computes something else: `check_same_function` compares the logits of both models once before any timing.
+The weights go through the project's HF name mapping (`model/checkpoint_hf.py`); a benchmark never times a peer
+that computes something else: `check_same_function` compares the logits of both models once before any timing.
 """
 from __future__ import annotations
 
@@ -34,37 +34,15 @@ def make_hf_model(cfg: EncDecConfig, *, dtype: torch.dtype = torch.float32):
 
 
 def to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: EncDecConfig) -> dict[str, torch.Tensor]:
-    """An MP-1 `EncDecModel` state dict -> `T5ForConditionalGeneration` names (cloned: the twins share nothing)."""
-    inner = cfg.num_heads * cfg.d_kv
-    out = {
-        "shared.weight": sd["word_embeds.weight"],
-        "lm_head.weight": sd["lm_head.weight"],
-        "encoder.final_layer_norm.weight": sd["encoder.final_layernorm.weight"],
-        "decoder.final_layer_norm.weight": sd["decoder.final_layernorm.weight"],
-    }
-    for stack, n_layers in (("encoder", cfg.num_layers), ("decoder", cfg.num_decoder_layers)):
-        for i in range(n_layers):
-            ours, hf = f"{stack}.blocks.{i}.", f"{stack}.block.{i}.layer."
-            q, k, v = sd[ours + "self_attn.self_attn.project.weight"].split(inner, dim=0)  # rows [Q; K; V]
-            out.update({hf + "0.SelfAttention.q.weight": q, hf + "0.SelfAttention.k.weight": k,
-                        hf + "0.SelfAttention.v.weight": v,
-                        hf + "0.SelfAttention.o.weight": sd[ours + "self_attn.self_attn.dense.weight"],
-                        hf + "0.layer_norm.weight": sd[ours + "self_attn.layer_norm.weight"]})
-            if i == 0:  # both store [buckets, heads]
-                out[hf + "0.SelfAttention.relative_attention_bias.weight"] = \
-                    sd[ours + "self_attn.self_attn.relative_attention_bias.weight"]
-            ff = 1
-            if stack == "decoder":
-                ck, cv = sd[ours + "cross_attn.cross_attn.project_kv.weight"].split(inner, dim=0)  # rows [K; V]
-                out.update({hf + "1.EncDecAttention.q.weight": sd[ours + "cross_attn.cross_attn.project_q.weight"],
-                            hf + "1.EncDecAttention.k.weight": ck, hf + "1.EncDecAttention.v.weight": cv,
-                            hf + "1.EncDecAttention.o.weight": sd[ours + "cross_attn.cross_attn.dense.weight"],
-                            hf + "1.layer_norm.weight": sd[ours + "cross_attn.layer_norm.weight"]})
-                ff = 2
-            for name in ("wi_0", "wi_1", "wo"):
-                out[hf + f"{ff}.DenseReluDense.{name}.weight"] = sd[ours + f"ff.dense_relu_dense.{name}.weight"]
-            out[hf + f"{ff}.layer_norm.weight"] = sd[ours + "ff.layer_norm.weight"]
-    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+    """An MP-1 `EncDecModel` state dict -> `T5ForConditionalGeneration` names (cloned: the twins share nothing).
+
+    The project's one name mapping (`model.checkpoint_hf.full_to_hf`, also used by tools/convert_checkpoint.py);
+    `check_same_function` then proves on logits that the peer computes what ours does before anything is timed.
+    """
+    from model.checkpoint_hf import full_to_hf
+
+    del cfg  # the mapping needs only the names
+    return {k: v.detach().clone().contiguous() for k, v in full_to_hf(sd).items()}
 
 
 def build_pair(cfg: EncDecConfig, *, seed: int = 1234, dtype: torch.dtype = torch.float32,
