@@ -288,6 +288,20 @@ def options_ids(tokenizer: Tokenizer, choices: Sequence[str], *, prompts_before_
     return ids, numerals
 
 
+def options_text(choices: Sequence[str]) -> str:
+    """The options as the encoder reads them, ``一、c1；二、c2；...`` (for the records' ``input``)."""
+    return "".join(f"{NUMERALS[i]}{OPTION_MARK}{c}{OPTION_END}" for i, c in enumerate(choices))
+
+
+def choice_encoded(*, raw: Mapping, enc_ids: list[int], numerals: list[int], input_text: str) -> dict:
+    """``encoded`` for a multiple-choice example (C3, CCPM): the answer is the numeral of option ``raw["label"]``
+    (None when unlabelled), scored among this example's numerals."""
+    label: Optional[int] = raw["label"]
+    return encoded(raw=raw, enc_ids=enc_ids, answer_ids=[numerals[label]] if label is not None else [],
+                   candidate_ids=numerals, label_index=label if label is not None else -1, input_text=input_text,
+                   reference=NUMERALS[label] if label is not None else None)
+
+
 class GenerateTask(Task):
     """A task whose answer is generated text ending with ``<s_1>`` (Math, LCSTS, AdGen, WMT)."""
 

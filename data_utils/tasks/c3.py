@@ -19,9 +19,9 @@ from typing import Any, Optional
 
 from data_utils.errors import DataError
 from data_utils.prompt import PromptLayout, as_prompt_config, join_truncating
-from data_utils.tasks.base import (NUMERALS, OPTION_END, BadLines, ClassifyTask, Tokenizer, as_object,
-                                   check_option_count, encoded, get_str, get_str_list, iter_json_values,
-                                   options_ids, single_token_id)
+from data_utils.tasks.base import (OPTION_END, BadLines, ClassifyTask, Tokenizer, as_object, check_option_count,
+                                   choice_encoded, get_str, get_str_list, iter_json_values, options_ids,
+                                   options_text, single_token_id)
 
 
 class C3(ClassifyTask):
@@ -84,15 +84,6 @@ class C3(ClassifyTask):
             sep = single_token_id(tokenizer, OPTION_END, role="prompt separator")
             enc_ids = self.prompt_layout.build([question, options, context], config, sep_id=sep,
                                                num_options=len(raw["choices"]), body=2, max_len=max_len)
-        label: Optional[int] = raw["label"]
-        options_text = "".join(f"{NUMERALS[i]}、{c}；" for i, c in enumerate(raw["choices"]))
-        return encoded(
-            raw=raw,
-            enc_ids=enc_ids,
-            answer_ids=[numerals[label]] if label is not None else [],
-            candidate_ids=numerals,
-            label_index=label if label is not None else -1,
-            input_text=(f"{self.question_prefix}{raw['question']}{self.options_prefix}{options_text}"
-                        f"{self.passage_prefix}{raw['context']}"),
-            reference=NUMERALS[label] if label is not None else None,
-        )
+        return choice_encoded(raw=raw, enc_ids=enc_ids, numerals=numerals,
+                              input_text=(f"{self.question_prefix}{raw['question']}{self.options_prefix}"
+                                          f"{options_text(raw['choices'])}{self.passage_prefix}{raw['context']}"))
