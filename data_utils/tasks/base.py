@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Protocol, Sequence, Union
 
 from data_utils.errors import DataError
-from data_utils.prompt import PromptLayout
+from data_utils.prompt import PromptLayout, as_prompt_config, join_truncating
 
 logger = logging.getLogger(__name__)
 
@@ -313,6 +313,18 @@ class GenerateTask(Task):
         answer = tokenizer.encode(target) + self.end_of_target(tokenizer) if target is not None else []
         return encoded(raw=raw, enc_ids=enc_ids, answer_ids=answer,
                        input_text=input_text, reference=target)
+
+    def encode_text_to_target(self, raw: Mapping, tokenizer: Tokenizer, *, text: str, target: Optional[str],
+                              prompt: Any, max_enc_len: Optional[int]) -> dict:
+        """Encoder input = one text (Math, LCSTS, WMT): truncated as is, or laid out with the prompt positions of
+        ``self.prompt_layout`` (its ratios' middle entry is ignored there, as in the original)."""
+        config = as_prompt_config(prompt)
+        ids = tokenizer.encode(text)
+        if config is None:
+            enc_ids = join_truncating([ids], 0, max_enc_len)
+        else:
+            enc_ids = self.prompt_layout.build([ids], config, body=0, max_len=max_enc_len)
+        return self.generation_output(raw, tokenizer, enc_ids=enc_ids, target=target, input_text=text)
 
     @staticmethod
     def texts(records: Sequence[Mapping]) -> tuple[list[str], list[str]]:

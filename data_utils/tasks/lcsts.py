@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from data_utils.errors import DataError
-from data_utils.prompt import as_prompt_config, join_truncating
 from data_utils.tasks.base import (BadLines, DecodingDefaults, GenerateTask, Tokenizer, as_object,
                                    first_non_space_char, get_str, iter_json_values, read_lines)
 from data_utils.tasks.math import TEXT_ONLY_LAYOUT
@@ -99,14 +98,8 @@ class LCSTS(GenerateTask):
 
     def encode(self, raw: dict, tokenizer: Tokenizer, *, prompt: Any = None,
                max_enc_len: Optional[int] = None) -> dict:
-        config = as_prompt_config(prompt)
-        text = tokenizer.encode(raw["text"])
-        if config is None:
-            enc_ids = join_truncating([text], 0, max_enc_len)
-        else:
-            enc_ids = self.prompt_layout.build([text], config, body=0, max_len=max_enc_len)
-        return self.generation_output(raw, tokenizer, enc_ids=enc_ids, target=raw["summary"],
-                                      input_text=raw["text"])
+        return self.encode_text_to_target(raw, tokenizer, text=raw["text"], target=raw["summary"],
+                                          prompt=prompt, max_enc_len=max_enc_len)
 
     def compute_metrics(self, records: Sequence[Mapping]) -> dict[str, float]:
         from data_utils.metrics import rouge_char

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from data_utils.errors import DataError
-from data_utils.prompt import PromptLayout, as_prompt_config, join_truncating
+from data_utils.prompt import PromptLayout
 from data_utils.tasks.base import (BadLines, DecodingDefaults, GenerateTask, Tokenizer, as_object, get_str,
                                    iter_json_values)
 
@@ -69,13 +69,8 @@ class Math23K(GenerateTask):
 
     def encode(self, raw: dict, tokenizer: Tokenizer, *, prompt: Any = None,
                max_enc_len: Optional[int] = None) -> dict:
-        config = as_prompt_config(prompt)
-        text = tokenizer.encode(raw["text"])
-        if config is None:
-            enc_ids = join_truncating([text], 0, max_enc_len)
-        else:
-            enc_ids = self.prompt_layout.build([text], config, body=0, max_len=max_enc_len)
-        return self.generation_output(raw, tokenizer, enc_ids=enc_ids, target=raw["target"], input_text=raw["text"])
+        return self.encode_text_to_target(raw, tokenizer, text=raw["text"], target=raw["target"],
+                                          prompt=prompt, max_enc_len=max_enc_len)
 
     def compute_metrics(self, records: Sequence[Mapping]) -> dict[str, float]:
         from data_utils.metrics import math_value_accuracy

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from data_utils.errors import DataError
-from data_utils.prompt import as_prompt_config, join_truncating
 from data_utils.tasks.base import (BadLines, DecodingDefaults, GenerateTask, Tokenizer, as_object, get_str,
                                    iter_json_values, read_lines)
 from data_utils.tasks.math import TEXT_ONLY_LAYOUT
@@ -81,14 +80,8 @@ class WMTENCN(GenerateTask):
 
     def encode(self, raw: dict, tokenizer: Tokenizer, *, prompt: Any = None,
                max_enc_len: Optional[int] = None) -> dict:
-        config = as_prompt_config(prompt)
-        source = tokenizer.encode(raw["source_text"])
-        if config is None:
-            enc_ids = join_truncating([source], 0, max_enc_len)
-        else:
-            enc_ids = self.prompt_layout.build([source], config, body=0, max_len=max_enc_len)
-        return self.generation_output(raw, tokenizer, enc_ids=enc_ids, target=raw["target_text"],
-                                      input_text=raw["source_text"])
+        return self.encode_text_to_target(raw, tokenizer, text=raw["source_text"], target=raw["target_text"],
+                                          prompt=prompt, max_enc_len=max_enc_len)
 
     def compute_metrics(self, records: Sequence[Mapping]) -> dict[str, float]:
         from data_utils.metrics import sacrebleu_zh
