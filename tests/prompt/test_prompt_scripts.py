@@ -95,16 +95,21 @@ FIXTURES = {
 }
 
 
+def write_fixture_task(fixture, data: Path, *, vocab_file: Path) -> tuple[Path, Path]:
+    """train/dev/test files of one FIXTURES entry under `data`; returns (data dir, vocab dir)."""
+    ext, make = fixture
+    data.mkdir()
+    for split in ("train", "dev", "test"):
+        (data / f"{split}{ext}").write_text(make(), encoding="utf-8")
+    return data, vocab_file.parent
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FIXTURES))
 def test_other_prompt_scripts_first_steps_on_cpu(name, tmp_path, cn_vocab, cn_en_vocab):
     """Each script on the tiny model with its task's real vocab (../shared), two steps, then test decoding."""
-    ext, make = FIXTURES[name]
-    data = tmp_path / "data"
-    data.mkdir()
-    for split in ("train", "dev", "test"):
-        (data / f"{split}{ext}").write_text(make(), encoding="utf-8")
-    vocab = (cn_en_vocab if name == "wmt_cn" else cn_vocab).parent
+    data, vocab = write_fixture_task(FIXTURES[name], tmp_path / "data",
+                                     vocab_file=cn_en_vocab if name == "wmt_cn" else cn_vocab)
     save = tmp_path / "run"
     run_script(name, data, vocab, save, "none", "--train-iters 2 --eval-interval 2 --out-seq-length 4")
     assert [s for s, _ in train_losses(save)] == [1, 2]

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tests.prompt.test_prompt_scripts import FIXTURES, _jsonl
+from tests.prompt.test_prompt_scripts import FIXTURES, _jsonl, write_fixture_task
 from tests.training.helpers import ROOT, TINY_CONFIG, env_for, free_port, train_losses
 
 SOGOU = (".json", lambda: _jsonl([{"query": "北京天气", "pos_doc": "北京今天晴天", "neg_doc": "上海的美食"}
@@ -21,12 +21,8 @@ TASKS = {**FIXTURES, "sogou-log": SOGOU}
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_full_model_script_first_steps_on_cpu(name, tmp_path, cn_vocab, cn_en_vocab):
-    ext, make = TASKS[name]
-    data = tmp_path / "data"
-    data.mkdir()
-    for split in ("train", "dev", "test"):
-        (data / f"{split}{ext}").write_text(make(), encoding="utf-8")
-    vocab = (cn_en_vocab if name == "wmt_cn" else cn_vocab).parent
+    data, vocab = write_fixture_task(TASKS[name], tmp_path / "data",
+                                     vocab_file=cn_en_vocab if name == "wmt_cn" else cn_vocab)
     save = tmp_path / "run"
     env = env_for(CONFIG_PATH=str(TINY_CONFIG), TOKENIZER_PATH=str(vocab), DATA_PATH=str(data), CKPT_PATH="none",
                   SAVE_PATH=str(save), MASTER_PORT=str(free_port()),
