@@ -35,6 +35,8 @@ LayerCache = dict[str, torch.Tensor]  # {"self_k", "self_v", "cross_k", "cross_v
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """T5 RMSNorm ``weight * x * rsqrt(mean(x^2) + eps)``: statistics in fp32, cast back to the input dtype, no
     mean subtraction, no bias. ``x [*, d]`` -> ``[*, d]``."""
+    if x.dtype == torch.float32:  # the same maths with fewer dispatches (this runs 19 times per decode step)
+        return weight * (x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps))
     variance = x.float().pow(2).mean(dim=-1, keepdim=True)  # [*, 1]
     return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
 
@@ -250,7 +252,9 @@ class _PreNormResidual(nn.Module):
         self.dropout = nn.Dropout(config.dropout_rate)
 
     def residual(self, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return _clamp_fp16(h + self.dropout(out))
+        if self.training and self.dropout.p > 0:
+            out = self.dropout(out)
+        return _clamp_fp16(h + out)
 
 
 class SelfAttentionLayer(_PreNormResidual):

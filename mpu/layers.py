@@ -109,6 +109,11 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_model_parallel_region(out, self.group)
 
 
+def _weight_as(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight in the activation dtype (fp16 input under fp32 masters); no dispatch when it already is."""
+    return weight if weight.dtype == dtype else weight.to(dtype)
+
+
 class ColumnParallelLinear(nn.Module):
     """``y = x A^T`` with A ``[out, in]`` split along its output rows: this rank holds ``[out/p, in]``.
 
@@ -130,7 +135,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = copy_to_model_parallel_region(x, self.group)
-        y = linear(x, self.weight.to(x.dtype))  # [*, out/p]
+        y = linear(x, _weight_as(self.weight, x.dtype))  # [*, out/p]
         return gather_from_model_parallel_region(y, self.group) if self.gather_output else y
 
 
@@ -156,5 +161,5 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_model_parallel_region(x, self.group)
-        y = linear(x, self.weight.to(x.dtype))  # [*, out], partial sum over this rank's inputs
+        y = linear(x, _weight_as(self.weight, x.dtype))  # [*, out], partial sum over this rank's inputs
         return reduce_from_model_parallel_region(y, self.group)

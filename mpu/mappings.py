@@ -94,19 +94,31 @@ class _GatherFromModelParallelRegion(torch.autograd.Function):
 
 def copy_to_model_parallel_region(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
     """forward: identity, backward: all-reduce (sum) of the gradient over the MP group."""
-    return _CopyToModelParallelRegion.apply(x, resolve_group(group))
+    group = resolve_group(group)
+    if group_world_size(group) == 1:  # both directions are the identity: skip the autograd node (decode steps)
+        return x
+    return _CopyToModelParallelRegion.apply(x, group)
 
 
 def reduce_from_model_parallel_region(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
     """forward: all-reduce (sum) over the MP group, backward: identity."""
-    return _ReduceFromModelParallelRegion.apply(x, resolve_group(group))
+    group = resolve_group(group)
+    if group_world_size(group) == 1:
+        return x
+    return _ReduceFromModelParallelRegion.apply(x, group)
 
 
 def scatter_to_model_parallel_region(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
     """forward: keep this rank's slice of the last dim ``[..., D] -> [..., D/p]``, backward: all-gather it."""
-    return _ScatterToModelParallelRegion.apply(x, resolve_group(group))
+    group = resolve_group(group)
+    if group_world_size(group) == 1:
+        return x
+    return _ScatterToModelParallelRegion.apply(x, group)
 
 
 def gather_from_model_parallel_region(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
     """forward: all-gather along the last dim ``[..., D/p] -> [..., D]``, backward: keep this rank's slice."""
-    return _GatherFromModelParallelRegion.apply(x, resolve_group(group))
+    group = resolve_group(group)
+    if group_world_size(group) == 1:
+        return x
+    return _GatherFromModelParallelRegion.apply(x, group)
