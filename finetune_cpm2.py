@@ -11,9 +11,14 @@ import logging
 import os
 import sys
 
-import torch
+if __name__ == "__main__":  # before torch allocates anything: glibc reads its malloc tunables once, at start-up
+    from training.allocator import reexec_with_tuned_malloc
 
-from arguments import parse_args, warn_compat_flags
+    reexec_with_tuned_malloc()
+
+import torch  # noqa: E402
+
+from arguments import parse_args, warn_compat_flags  # noqa: E402
 from training.setup import has_gpu, init_distributed, set_seed, setup_logging, teardown
 
 logger = logging.getLogger("cpm2")

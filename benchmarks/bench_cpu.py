@@ -30,6 +30,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+if __name__ == "__main__":  # the allocator settings finetune_cpm2.py runs with on CPU (both sides share the process)
+    from training.allocator import reexec_with_tuned_malloc
+
+    reexec_with_tuned_malloc(force=True)
+
 import torch  # noqa: E402
 
 from benchmarks import common  # noqa: E402

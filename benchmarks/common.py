@@ -119,6 +119,7 @@ def machine_info(device: str = "cpu") -> Dict[str, object]:
         "cpu": cpu_model(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(),
         "date": datetime.date.today().isoformat(),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),  # training/allocator.py
     }
     for pkg in ("deepspeed", "transformers"):
         try:
