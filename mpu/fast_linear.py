@@ -33,7 +33,8 @@ import torch.nn.functional as F
 _ENABLED = os.environ.get("CPM2_ONEDNN_LINEAR", "1") != "0" and torch.backends.mkldnn.is_available() \
     and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
-# id(weight) -> (weakref to weight, weight._version, weight.data_ptr(), packed weight)
+# id(weight) -> (weakref to weight, weight._version, weight.data_ptr(), packed weight); for linear_pair,
+# (id(a), id(b)) -> (weakref to a, b, versions and pointers of both, packed [a; b])
 _PACKED: dict[int, tuple] = {}
 
 
@@ -84,6 +85,26 @@ def packed_weight(weight: torch.Tensor) -> torch.Tensor:
     ref = weakref.ref(weight, lambda _, k=key: _PACKED.pop(k, None))
     _PACKED[key] = (ref, weight._version, weight.data_ptr(), packed)
     return packed
+
+
+def linear_pair(x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(linear(x, weight_a), linear(x, weight_b))``; inside a :func:`packed_weights` block at inference, as one
+    GEMM on the two weights concatenated and packed once (one pass over ``x`` and one oneDNN call instead of two;
+    the outputs are views into one ``[*, out_a + out_b]`` tensor)."""
+    if not (_PACK_DEPTH and torch.is_inference_mode_enabled() and _usable(x, weight_a) and _usable(x, weight_b)
+            and weight_a.size(1) == weight_b.size(1)):
+        return linear(x, weight_a), linear(x, weight_b)
+    key = (id(weight_a), id(weight_b))
+    versions = (weight_a._version, weight_a.data_ptr(), weight_b._version, weight_b.data_ptr())
+    entry = _PACKED.get(key)
+    if entry is None or entry[0]() is not weight_a or entry[1] is not weight_b or entry[2] != versions:
+        packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat([weight_a.detach(), weight_b.detach()]), None)
+        ref = weakref.ref(weight_a, lambda _, k=key: _PACKED.pop(k, None))
+        entry = (ref, weight_b, versions, packed)
+        _PACKED[key] = entry
+    y = _onednn(x, entry[3])
+    return y[..., :weight_a.size(0)], y[..., weight_a.size(0):]
 
 
 class _OneDNNLinear(torch.autograd.Function):

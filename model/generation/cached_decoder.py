@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 import mpu
+from model import decode_step
 from model.fast_inference import GrowableLayerCache, make_growable, reorder_growable
 
 
@@ -53,6 +54,7 @@ class CachedDecoder:
         # cache in place in preallocated buffers (model/fast_inference.py) instead of concatenating every step.
         self.capacity = capacity
         self._spare: Optional[list] = None  # beam search: the second set of cache buffers reorder_rows copies into
+        self._cross_bias: Optional[torch.Tensor] = None  # decode steps' additive cross-attention bias, built once
 
     def _decode(self, dec_input_ids: torch.Tensor) -> torch.Tensor:
         out = self.model(
@@ -90,7 +92,16 @@ class CachedDecoder:
         """Feed one new token per row [N]; returns the next logits [N, V] fp32."""
         if self.capacity is not None and not isinstance(self.past[0], GrowableLayerCache):
             self.past = make_growable(self.past, self.capacity)  # once, after start() (and expand_rows)
-        return self._decode(tokens[:, None])
+        if not decode_step.supports(self.model, self.past):
+            return self._decode(tokens[:, None])
+        # The same maths as the model's forward for one token, without the module tree (model/decode_step.py).
+        if self._cross_bias is None and self.cross_attention_mask is not None:
+            cross_k = self.past[0]["cross_k"]
+            self._cross_bias = decode_step.cross_bias_for_steps(
+                self.model, self.cross_attention_mask, cross_k.size(2), cross_k.dtype, cross_k.device)
+        hidden, self.past = decode_step.decode_step(self.model, tokens, self.past, self._cross_bias)
+        self.num_calls += 1
+        return full_vocab_logits(self.model, self.model.logits(hidden)[:, -1, :])
 
     def expand_rows(self, k: int) -> None:
         """Repeat every example k times (row b -> rows b*k .. b*k+k-1), cache included (beam search).
@@ -105,6 +116,7 @@ class CachedDecoder:
             raise RuntimeError("CachedDecoder.expand_rows needs the cache: call start() first")
         self.batch_size *= k
         self.cross_attention_mask = rep(self.cross_attention_mask)
+        self._cross_bias = None
         # Cross K/V stay one row per example: the model's single-query attention lets the k beams of an example
         # share them (model/fast_inference.py), which saves copying them k times and reading them k times per step.
         self.past = [{name: t if name.startswith("cross") else rep(t) for name, t in layer.items()}
