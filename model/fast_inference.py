@@ -65,24 +65,30 @@ def append_kv(past: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
 
 def reorder_growable(past: list[GrowableLayerCache], rows: torch.Tensor,
                      spare: Optional[list[dict[str, torch.Tensor]]]) -> tuple[list[GrowableLayerCache], list]:
-    """Beam reorder: row i of every self K/V becomes old row ``rows[i]``, copied whole (buffer rows are contiguous,
-    which makes this a row ``memcpy``) into a second set of buffers that is reused every step (no allocation).
+    """Beam reorder: row i of every self K/V becomes old row ``rows[i]``, copied (the filled positions of each
+    (row, head) are one contiguous run) into a second set of buffers that is reused every step (no allocation).
     Returns ``(new cache, the buffers to reuse next time)``. Cross K/V are shared by an example's beams: untouched.
     """
     out, freed = [], []
+    heads_index = None
     for i, layer in enumerate(past):
         grown, old = GrowableLayerCache(layer), {}
         for name in ("self_k", "self_v"):
             x = layer[name]
             n, heads, length, dk = x.shape
             capacity = _capacity(x)
-            base = x.as_strided((n, heads * capacity * dk), (heads * capacity * dk, 1), x.storage_offset())
+            base = x.as_strided((n, heads, capacity, dk), (heads * capacity * dk, capacity * dk, dk, 1),
+                                x.storage_offset())
             target = spare[i][name] if spare is not None else None
             if target is None or target.shape != (rows.numel(), heads, capacity, dk):
                 target = x.new_empty(rows.numel(), heads, capacity, dk)
-            torch.index_select(base, 0, rows, out=target.view(rows.numel(), -1))
+            if heads_index is None:  # (row, head) pairs of the new order: one contiguous run of positions each
+                heads_index = (rows[:, None] * heads + torch.arange(heads, device=rows.device)).flatten()
+            # Copy the filled positions only (not the spare capacity): [rows*heads, length*dk] strided views.
+            torch.index_select(base.view(n * heads, capacity * dk)[:, :length * dk], 0, heads_index,
+                               out=target.view(rows.numel() * heads, capacity * dk)[:, :length * dk])
             grown[name] = target[:, :, :length]
-            old[name] = base.view(n, heads, capacity, dk) if base.is_contiguous() else None
+            old[name] = base if base.is_contiguous() else None
         out.append(grown)
         freed.append(old)
     return out, freed

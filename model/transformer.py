@@ -35,8 +35,9 @@ LayerCache = dict[str, torch.Tensor]  # {"self_k", "self_v", "cross_k", "cross_v
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """T5 RMSNorm ``weight * x * rsqrt(mean(x^2) + eps)``: statistics in fp32, cast back to the input dtype, no
     mean subtraction, no bias. ``x [*, d]`` -> ``[*, d]``."""
-    if x.dtype == torch.float32:  # the same maths with fewer dispatches (this runs 19 times per decode step)
-        return weight * (x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps))
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        # One call for the same maths (bit-identical in fp32, tested); this runs 19 times per decode step.
+        return torch.rms_norm(x, (x.size(-1),), weight, eps)
     variance = x.float().pow(2).mean(dim=-1, keepdim=True)  # [*, 1]
     return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
 

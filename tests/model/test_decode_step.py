@@ -111,3 +111,18 @@ def test_linear_pair_equals_two_linears_and_sees_weight_changes():
         torch.testing.assert_close(fast_linear.linear_pair(x, a, b)[1], x @ b.t(), rtol=0, atol=1e-5)
     ya, yb = fast_linear.linear_pair(x, a, b)  # outside a block: two plain calls
     torch.testing.assert_close(yb, x @ b.t(), rtol=0, atol=1e-5)
+
+
+def test_fp32_rms_norm_is_bit_identical_to_the_written_out_formula():
+    from model.transformer import rms_norm
+
+    torch.manual_seed(0)
+    x, w = torch.randn(4, 3, 48) * 3, torch.randn(48)
+    reference = w * (x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + 1e-6))
+    assert torch.equal(rms_norm(x, w, 1e-6), reference)
+    xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    (rms_norm(xr, wr, 1e-6) * torch.arange(48.0)).sum().backward()
+    xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    (ws * (xs * torch.rsqrt(xs.pow(2).mean(dim=-1, keepdim=True) + 1e-6)) * torch.arange(48.0)).sum().backward()
+    torch.testing.assert_close(xr.grad, xs.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(wr.grad, ws.grad, rtol=1e-6, atol=1e-6)
