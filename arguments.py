@@ -47,7 +47,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model-parallel-size", type=int, default=1, help="tensor model-parallel size (divides heads, d_ff, vocab)")
     g.add_argument("--cpu-optimizer", action="store_true", help="compatibility only")
     g.add_argument("--cpu_torch_adam", action="store_true", help="compatibility only")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (helps on GPU)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward (evaluation and generation stay eager); ~5%% faster "
+                        "steps on CPU after a compile of ~30 s")
 
 
 def _add_precision(p: argparse.ArgumentParser) -> None:

@@ -97,6 +97,10 @@ def build_model(args, dist, tokenizer, prompt_cfg):
     trainable, total = prompt_tuning.set_trainable(model, prompt_cfg)
     logger.info("model: %s parameters on this rank, %s trainable (%.4f%%)", f"{total:,}", f"{trainable:,}",
                 100.0 * trainable / max(total, 1))
+    if args.compile:
+        model.compile_training_forward()
+        logger.info("--compile: the training forward runs through torch.compile (the first steps compile it; "
+                    "evaluation and generation stay eager)")
     return model
 
 

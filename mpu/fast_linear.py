@@ -133,8 +133,42 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w
 
 
+@torch.library.custom_op("cpm2::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x [*, in] @ weight^T`` in oneDNN as an opaque op for ``torch.compile`` (``--compile``): traced through,
+    the linear layers would fall back to ``F.linear`` (MKL), which made a compiled CPU step 1.6x slower than eager
+    (991 ms vs 616 ms on the benchmark model); with this op the compiled step keeps the oneDNN GEMMs (583 ms)."""
+    return _onednn(x, weight)
+
+
+@onednn_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.size(0))
+
+
+def _onednn_linear_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _onednn_linear_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_x = onednn_linear(grad, weight.t()) if ctx.needs_input_grad[0] else None
+    grad_w = None
+    if ctx.needs_input_grad[1]:
+        grad_w = onednn_linear(grad.reshape(-1, grad.size(-1)).t(), x.reshape(-1, x.size(-1)).t())
+    return grad_x, grad_w
+
+
+onednn_linear.register_autograd(_onednn_linear_backward, setup_context=_onednn_linear_setup)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight)`` (no bias): ``x [*, in]``, ``weight [out, in]`` -> ``[*, out]``."""
+    if torch.compiler.is_compiling():
+        compilable = (_ENABLED and x.dtype == torch.float32 and weight.dtype == torch.float32
+                      and x.device.type == "cpu" and weight.device.type == "cpu" and weight.dim() == 2)
+        return onednn_linear(x, weight) if compilable else F.linear(x, weight)
     if not _usable(x, weight):
         return F.linear(x, weight)
     if torch.is_inference_mode_enabled():
