@@ -33,7 +33,14 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """VmHWM: the peak RSS of this process's own memory. Not ru_maxrss: Linux carries the parent's high-water mark
+    into a vfork+exec child (subprocess does that), so a probe launched from a large pytest process read the
+    parent's peak instead of its own (seen after torch.compile tests had grown the pytest process)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def tensors_in(obj, seen_objs: set, depth: int = 0):

@@ -36,7 +36,7 @@ def build(vocab: Path, cfg: dict, tmp_path: Path, *, load: Path | None, load_pro
     finetune = importlib.import_module("finetune_cpm2")
     args = SimpleNamespace(model_config=str(TINY_CONFIG), fp16=False, bf16=False, checkpoint_activations=False,
                            load=str(load) if load else None, seed=seed, resume=False, save=str(tmp_path / "save"),
-                           do_train=False, load_prompt=str(load_prompt) if load_prompt else None)
+                           do_train=False, load_prompt=str(load_prompt) if load_prompt else None, compile=False)
     dist = SimpleNamespace(device=torch.device("cpu"), mp_size=1, is_main=True)
     torch.manual_seed(seed)  # main() seeds before building; the random init of the model depends on it
     return finetune.build_model(args, dist, load_tokenizer(str(vocab)), PromptConfig.from_dict(cfg))
