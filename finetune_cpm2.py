@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 if __name__ == "__main__":  # before torch allocates anything: glibc reads its malloc tunables once, at start-up
     from training.allocator import reexec_with_tuned_malloc
@@ -236,15 +237,19 @@ def evaluate_and_write(ctx, dataset, batches, save_dir: str, split: str, sink) -
     logger.info("%s: %s -> %s/%s/", split, json.dumps(metrics, ensure_ascii=False), save_dir, split)
 
 
-def explain_failure(e: BaseException) -> str:
-    """The one-line message for an error a user can act on (bad flags, data, checkpoint, disk, a dead peer)."""
+def is_collective_failure(e: BaseException) -> bool:
     import torch.distributed as dist
 
-    rank = os.environ.get("RANK", "0")
     # gloo's "Connection reset by peer" / "Timed out" arrive as plain RuntimeErrors; NCCL's as DistBackendError.
     markers = ("gloo", "nccl", "processgroup", "connection reset by peer", "connection closed by peer")
-    if isinstance(e, getattr(dist, "DistError", ())) or (
-            isinstance(e, RuntimeError) and any(m in str(e).lower() for m in markers)):
+    return isinstance(e, getattr(dist, "DistError", ())) or (
+        isinstance(e, RuntimeError) and any(m in str(e).lower() for m in markers))
+
+
+def explain_failure(e: BaseException) -> str:
+    """The one-line message for an error a user can act on (bad flags, data, checkpoint, disk, a dead peer)."""
+    rank = os.environ.get("RANK", "0")
+    if is_collective_failure(e):
         # gloo/NCCL name the peer's address, not its rank; the launcher's report and the dead rank's own
         # log lines (every rank logs warnings and errors) name it.
         return (f"rank {rank}: a collective operation failed, most likely because another process of this run "
@@ -265,4 +270,15 @@ if __name__ == "__main__":
         message = explain_failure(e)
         logging.getLogger("cpm2").error("%s", message)
         print(f"error: {message}", file=sys.stderr)
+        if is_collective_failure(e):
+            # After a dead or hung peer the process group's threads cannot be joined cleanly: a normal interpreter
+            # exit then sometimes ended in "terminate called without an active exception" (SIGABRT) instead of
+            # exit code 2. Flush everything, then leave without running the C++ destructors. The pause first lets a
+            # launcher (torchrun, deepspeed) see the peer that died before it sees us: its report names the first
+            # failure it observes, and that should be the dead rank, not this survivor.
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            time.sleep(2.0)
+            os._exit(2)
         sys.exit(2)
