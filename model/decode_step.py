@@ -20,7 +20,6 @@ import torch
 
 import mpu
 from mpu import fast_linear
-from mpu.fast_linear import linear
 
 from .fast_inference import GrowableLayerCache, append_kv, single_query_attention
 from .transformer import gated_gelu, rms_norm
@@ -46,22 +45,46 @@ def cross_bias_for_steps(model: torch.nn.Module, cross_attention_mask: Optional[
                          name="cross_attention_mask")
 
 
+class StepPlan:
+    """The decoder's weights for decode steps, fetched once per ``generate`` call: norms as (weight, eps), the
+    linear layers bound to their packed copies (``fast_linear.bind``), so a step does no module attribute lookups
+    and no packed-weight cache lookups. Valid while the weights do not change (one ``generate`` call)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        decoder = model.decoder
+        self.position_attention = decoder.blocks[0].self_attn.self_attn
+        self.final_norm = decoder.final_layernorm
+        self.layers = [_LayerPlan(block) for block in decoder.blocks]
+
+
+class _LayerPlan:
+    def __init__(self, block) -> None:
+        attn, cross, ff = block.self_attn.self_attn, block.cross_attn.cross_attn, block.ff.dense_relu_dense
+        self.heads, self.d_kv = attn.heads, attn.d_kv
+        self.norms = tuple((sub.layer_norm.weight, sub.layer_norm.eps)
+                           for sub in (block.self_attn, block.cross_attn, block.ff))
+        self.qkv, self.self_out = fast_linear.bind(attn.project.weight), fast_linear.bind(attn.dense.weight)
+        self.q, self.cross_out = fast_linear.bind(cross.project_q.weight), fast_linear.bind(cross.dense.weight)
+        self.wi, self.wo = fast_linear.bind_pair(ff.wi_0.weight, ff.wi_1.weight), fast_linear.bind(ff.wo.weight)
+
+
 def decode_step(model: torch.nn.Module, tokens: torch.Tensor, past: list[GrowableLayerCache],
-                cross_bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, list[GrowableLayerCache]]:
+                cross_bias: Optional[torch.Tensor], plan: Optional[StepPlan] = None,
+                ) -> tuple[torch.Tensor, list[GrowableLayerCache]]:
     """``tokens [N]`` (one new token per row) -> (final hidden ``[N, 1, d]``, the cache one position longer).
 
-    ``past`` is consumed (its buffers receive the new K/V), as with the module path's growable cache.
+    ``past`` is consumed (its buffers receive the new K/V), as with the module path's growable cache. ``plan``:
+    a :class:`StepPlan` of ``model`` made in the same ``generate`` call (built here when None).
     """
-    decoder = model.decoder
+    plan = plan or StepPlan(model)
     offset = past[0]["self_k"].size(2)
     h = model.word_embeds(tokens[:, None])  # [N, 1, d]
-    first = decoder.blocks[0].self_attn.self_attn
-    self_bias = first.position_bias(1, offset + 1, offset, h.device).to(h.dtype)  # [1, Hp, 1, L+1]
+    self_bias = plan.position_attention.position_bias(1, offset + 1, offset, h.device).to(h.dtype)  # [1,Hp,1,L+1]
     new_past = []
-    for block, cache in zip(decoder.blocks, past):
-        h, layer_cache = _layer_step(block, h, cache, self_bias, cross_bias)
+    for layer, cache in zip(plan.layers, past):
+        h, layer_cache = _layer_step(layer, h, cache, self_bias, cross_bias)
         new_past.append(layer_cache)
-    return decoder.final_layernorm(h), new_past
+    return plan.final_norm(h), new_past
 
 
 def _heads(x: torch.Tensor, parts: int, heads: int, d_kv: int) -> tuple[torch.Tensor, ...]:
@@ -70,29 +93,20 @@ def _heads(x: torch.Tensor, parts: int, heads: int, d_kv: int) -> tuple[torch.Te
     return tuple(x.view(n, parts, heads, 1, d_kv).unbind(1))
 
 
-def _layer_step(block, h: torch.Tensor, cache: GrowableLayerCache, self_bias: torch.Tensor,
+def _layer_step(layer: _LayerPlan, h: torch.Tensor, cache: GrowableLayerCache, self_bias: torch.Tensor,
                 cross_bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, GrowableLayerCache]:
-    n = h.size(0)
+    n, heads, d_kv = h.size(0), layer.heads, layer.d_kv
+    (self_norm, self_eps), (cross_norm, cross_eps), (ff_norm, ff_eps) = layer.norms
     # self-attention (pre-norm, residual); the new K/V are written into the cache buffers
-    sub = block.self_attn
-    attn = sub.self_attn
-    heads, d_kv = attn.heads, attn.d_kv
-    q, k, v = _heads(linear(rms_norm(h, sub.layer_norm.weight, sub.layer_norm.eps), attn.project.weight),
-                     3, heads, d_kv)
+    q, k, v = _heads(layer.qkv(rms_norm(h, self_norm, self_eps)), 3, heads, d_kv)
     k, v = append_kv(cache["self_k"], k), append_kv(cache["self_v"], v)
     context = single_query_attention(q, k, v, self_bias).reshape(n, 1, heads * d_kv)
-    h = h + mpu.reduce_from_model_parallel_region(linear(context, attn.dense.weight))
+    h = h + mpu.reduce_from_model_parallel_region(layer.self_out(context))
     # cross-attention on the cached encoder K/V
-    sub = block.cross_attn
-    attn = sub.cross_attn
-    (q,) = _heads(linear(rms_norm(h, sub.layer_norm.weight, sub.layer_norm.eps), attn.project_q.weight),
-                  1, heads, d_kv)
+    (q,) = _heads(layer.q(rms_norm(h, cross_norm, cross_eps)), 1, heads, d_kv)
     context = single_query_attention(q, cache["cross_k"], cache["cross_v"], cross_bias).reshape(n, 1, heads * d_kv)
-    h = h + mpu.reduce_from_model_parallel_region(linear(context, attn.dense.weight))
+    h = h + mpu.reduce_from_model_parallel_region(layer.cross_out(context))
     # gated-GeLU feed-forward, wi_0 and wi_1 in one GEMM
-    sub = block.ff
-    ff = sub.dense_relu_dense
-    gate, lin = fast_linear.linear_pair(rms_norm(h, sub.layer_norm.weight, sub.layer_norm.eps),
-                                        ff.wi_0.weight, ff.wi_1.weight)
-    h = h + mpu.reduce_from_model_parallel_region(linear(gated_gelu(gate, lin), ff.wo.weight))
+    gate, lin = layer.wi(rms_norm(h, ff_norm, ff_eps))
+    h = h + mpu.reduce_from_model_parallel_region(layer.wo(gated_gelu(gate, lin)))
     return h, GrowableLayerCache(self_k=k, self_v=v, cross_k=cache["cross_k"], cross_v=cache["cross_v"])

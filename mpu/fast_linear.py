@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import weakref
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +85,39 @@ def packed_weight(weight: torch.Tensor) -> torch.Tensor:
     ref = weakref.ref(weight, lambda _, k=key: _PACKED.pop(k, None))
     _PACKED[key] = (ref, weight._version, weight.data_ptr(), packed)
     return packed
+
+
+def bind(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> linear(x, weight)`` for calls that all happen inside the current :func:`packed_weights` block at
+    inference (one decode step after another): the packed weight is looked up once here, not at every call."""
+    if _PACK_DEPTH and torch.is_inference_mode_enabled() and _ENABLED and weight.dtype == torch.float32 \
+            and weight.device.type == "cpu" and weight.dim() == 2:
+        packed = packed_weight(weight)
+        return lambda x: _onednn(x, packed) if x.dtype == torch.float32 and x.device.type == "cpu" \
+            else linear(x, weight)
+    return lambda x: linear(x, weight)
+
+
+def bind_pair(weight_a: torch.Tensor, weight_b: torch.Tensor
+              ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`bind` for :func:`linear_pair`."""
+    if _PACK_DEPTH and torch.is_inference_mode_enabled() and _ENABLED and weight_a.dtype == torch.float32 \
+            and weight_b.dtype == torch.float32 and weight_a.device.type == "cpu" \
+            and weight_a.dim() == 2 and weight_a.shape[1:] == weight_b.shape[1:]:
+        x0 = weight_a.new_empty(1, weight_a.size(1))
+        linear_pair(x0, weight_a, weight_b)  # packs the concatenated pair into the cache
+        entry = _PACKED.get((id(weight_a), id(weight_b)))
+        if entry is None:
+            return lambda x: linear_pair(x, weight_a, weight_b)
+        packed, split = entry[3], weight_a.size(0)
+
+        def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if x.dtype != torch.float32 or x.device.type != "cpu":
+                return linear(x, weight_a), linear(x, weight_b)
+            y = _onednn(x, packed)
+            return y[..., :split], y[..., split:]
+        return run
+    return lambda x: linear_pair(x, weight_a, weight_b)
 
 
 def linear_pair(x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor

@@ -55,6 +55,7 @@ class CachedDecoder:
         self.capacity = capacity
         self._spare: Optional[list] = None  # beam search: the second set of cache buffers reorder_rows copies into
         self._cross_bias: Optional[torch.Tensor] = None  # decode steps' additive cross-attention bias, built once
+        self._plan: Optional[decode_step.StepPlan] = None  # decode steps' weights, bound once per generate call
 
     def _decode(self, dec_input_ids: torch.Tensor) -> torch.Tensor:
         out = self.model(
@@ -99,7 +100,9 @@ class CachedDecoder:
             cross_k = self.past[0]["cross_k"]
             self._cross_bias = decode_step.cross_bias_for_steps(
                 self.model, self.cross_attention_mask, cross_k.size(2), cross_k.dtype, cross_k.device)
-        hidden, self.past = decode_step.decode_step(self.model, tokens, self.past, self._cross_bias)
+        if self._plan is None:
+            self._plan = decode_step.StepPlan(self.model)
+        hidden, self.past = decode_step.decode_step(self.model, tokens, self.past, self._cross_bias, self._plan)
         self.num_calls += 1
         return full_vocab_logits(self.model, self.model.logits(hidden)[:, -1, :])
 
