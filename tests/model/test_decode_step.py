@@ -4,24 +4,16 @@ MP 2 is covered by tests/model/test_generation_parallel.py (generate runs this p
 import pytest
 import torch
 
-from model import EncDecConfig, EncDecModel, decode_step
+from model import decode_step
 from model.generation import GenerationConfig, generate
 from model.generation.cached_decoder import CachedDecoder
 from mpu import fast_linear
 
-from hf_reference import randomize_
-
-CFG = dict(d_model=48, d_ff=72, d_kv=8, num_heads=6, num_layers=2, num_decoder_layers=3, vocab_size=80)
+from test_fast_inference import _model as fast_inference_model
 
 
 def _model(dtype=torch.float32):
-    torch.manual_seed(0)
-    model = EncDecModel(EncDecConfig(**CFG), parallel_output=False).eval()
-    randomize_(model, 1)
-    gen = torch.Generator().manual_seed(2)
-    enc = torch.randint(1, 80, (3, 11), generator=gen)
-    mask = torch.ones(3, 11, dtype=torch.long)
-    mask[1, 7:] = 0
+    model, enc, mask = fast_inference_model()  # the 2+3-layer model and masked batch of test_fast_inference
     return model.to(dtype), enc, mask
 
 
