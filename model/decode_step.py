@@ -1,8 +1,9 @@
 """One incremental decoder step (one new token per row) as a flat loop over the layers' weights.
 
-Why: a decode step of the benchmark model (6 layers, batch 8) is ~3 ms of weight streaming in 43 GEMMs and
-~0.8 ms of attention over the caches; walking the module tree around them (about 25 ``nn.Module`` calls and 300
-small ops per step, masks and position bias rebuilt every step) added another ~2 ms. This function runs the same
+Why: a decode step of the benchmark model (6 layers, batch 8) is ~3-4 ms of weight streaming in its GEMMs and
+~0.7 ms of attention over the caches; walking the module tree around them (about 25 ``nn.Module`` calls and 300
+small ops per step, masks and position bias rebuilt every step) cost ~1 ms more (step 6.1 ms; this path: ~5.4 ms,
+benchmarks/RESULTS.md). This function runs the same
 maths as ``EncDecModel.decode`` + ``Block.forward`` for ``Lq = 1`` with none of that: the cross-attention bias is
 built once per ``generate`` call (:func:`cross_bias_for_steps`), the position bias is one row of the stack's table,
 ``wi_0`` / ``wi_1`` run as one GEMM on their concatenated packed weight, and the self K/V go straight into the
