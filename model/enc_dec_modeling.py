@@ -113,21 +113,34 @@ class EncDecModel(nn.Module):
 
     # -- embeddings ------------------------------------------------------------------------------------------------
 
-    def embed_encoder_input(self, ids: torch.Tensor) -> torch.Tensor:
-        """``[B, Le]`` ids (``-1..-P`` = prompt rows ``0..P-1``) -> ``[B, Le, d]``."""
-        _check_ids(ids, -self.prompt_len, self.config.vocab_size, "enc_input_ids")
-        embeds = self.word_embeds(ids.clamp(min=0))  # [B, Le, d]
+    def embed_encoder_input(self, ids: torch.Tensor, words: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[B, Le]`` ids (``-1..-P`` = prompt rows ``0..P-1``) -> ``[B, Le, d]``. ``words``: the word embeddings
+        of ``ids.clamp(min=0)``, already looked up (and the ids checked) by the caller."""
+        if words is None:
+            _check_ids(ids, -self.prompt_len, self.config.vocab_size, "enc_input_ids")
+        embeds = self.word_embeds(ids.clamp(min=0)) if words is None else words  # [B, Le, d]
         if self.prompt_len == 0:
             return embeds
         is_prompt = ids < 0
         prompt = self.encoder.prompt_embeds((-ids - 1).clamp(min=0)).to(embeds.dtype)  # [B, Le, d]
         return torch.where(is_prompt.unsqueeze(-1), prompt, embeds)
 
+    def _embed_both(self, enc_input_ids: torch.Tensor, dec_input_ids: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder and decoder word embeddings from one lookup (training): the shared table then gets one dense
+        gradient instead of two that are zero-filled and summed (a [V, d] buffer each, every step)."""
+        _check_ids(enc_input_ids, -self.prompt_len, self.config.vocab_size, "enc_input_ids")
+        _check_ids(dec_input_ids, 0, self.config.vocab_size, "dec_input_ids")
+        n_enc = enc_input_ids.numel()
+        both = self.word_embeds(torch.cat([enc_input_ids.clamp(min=0).reshape(-1), dec_input_ids.reshape(-1)]))
+        return (both[:n_enc].view(*enc_input_ids.shape, -1), both[n_enc:].view(*dec_input_ids.shape, -1))
+
     # -- forward ---------------------------------------------------------------------------------------------------
 
-    def encode(self, enc_input_ids: torch.Tensor, enc_attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``[B, Le]`` ids -> encoder output ``[B, Le, d]``."""
-        h = self.embed_encoder_input(enc_input_ids)
+    def encode(self, enc_input_ids: torch.Tensor, enc_attention_mask: Optional[torch.Tensor] = None, *,
+               words: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[B, Le]`` ids -> encoder output ``[B, Le, d]`` (``words``: see :meth:`embed_encoder_input`)."""
+        h = self.embed_encoder_input(enc_input_ids, words)
         length = enc_input_ids.size(1)
         mask = additive_mask(enc_attention_mask, q_len=length, k_len=length, dtype=h.dtype, device=h.device,
                              name="enc_attention_mask")
@@ -135,16 +148,18 @@ class EncDecModel(nn.Module):
 
     def decode(self, dec_input_ids: torch.Tensor, *, enc_hidden_states: Optional[torch.Tensor] = None,
                dec_attention_mask: Optional[torch.Tensor] = None, cross_attention_mask: Optional[torch.Tensor] = None,
-               past_key_values: Optional[list[LayerCache]] = None,
+               past_key_values: Optional[list[LayerCache]] = None, words: Optional[torch.Tensor] = None,
                ) -> tuple[torch.Tensor, Optional[list[LayerCache]]]:
-        """Decoder stack: ``[B, Ld]`` ids -> (hidden ``[B, Ld, d]``, caches)."""
+        """Decoder stack: ``[B, Ld]`` ids -> (hidden ``[B, Ld, d]``, caches). ``words``: the ids' embeddings,
+        already looked up (and the ids checked) by the caller."""
         if enc_hidden_states is None and past_key_values is None:
             raise ValueError("the decoder needs enc_hidden_states (or enc_input_ids) or past_key_values")
         if past_key_values is not None and len(past_key_values) != len(self.decoder.blocks):
             raise ValueError(f"past_key_values has {len(past_key_values)} layers, the decoder has "
                              f"{len(self.decoder.blocks)}")
-        _check_ids(dec_input_ids, 0, self.config.vocab_size, "dec_input_ids")
-        h = self.word_embeds(dec_input_ids)  # [B, Ld, d]
+        if words is None:
+            _check_ids(dec_input_ids, 0, self.config.vocab_size, "dec_input_ids")
+        h = self.word_embeds(dec_input_ids) if words is None else words  # [B, Ld, d]
         q_len = dec_input_ids.size(1)
         offset = 0 if past_key_values is None else past_key_values[0]["self_k"].size(2)
         enc_len = past_key_values[0]["cross_k"].size(2) if past_key_values is not None else enc_hidden_states.size(1)
@@ -191,17 +206,23 @@ class EncDecModel(nn.Module):
         if self._compiled_forward is not None and self.training and not torch.compiler.is_compiling():
             return self._compiled_forward(enc_input_ids, enc_attention_mask, dec_input_ids, dec_attention_mask,
                                           cross_attention_mask, past_key_values, enc_hidden_states, only_encoder)
+        enc_words = dec_words = None
+        if enc_hidden_states is None and past_key_values is None and enc_input_ids is not None \
+                and dec_input_ids is not None and not only_encoder and torch.is_grad_enabled() \
+                and self.word_embeds.weight.requires_grad:
+            enc_words, dec_words = self._embed_both(enc_input_ids, dec_input_ids)
         if enc_hidden_states is None and past_key_values is None:
             if enc_input_ids is None:
                 raise ValueError("pass enc_input_ids, enc_hidden_states or past_key_values")
-            enc_hidden_states = self.encode(enc_input_ids, enc_attention_mask)
+            enc_hidden_states = self.encode(enc_input_ids, enc_attention_mask, words=enc_words)
         if only_encoder:
             return {"lm_logits": None, "encoder_last_hidden_state": enc_hidden_states, "past_key_values": None}
         if dec_input_ids is None:
             raise ValueError("dec_input_ids is required unless only_encoder=True")
         hidden, caches = self.decode(dec_input_ids, enc_hidden_states=enc_hidden_states,
                                      dec_attention_mask=dec_attention_mask,
-                                     cross_attention_mask=cross_attention_mask, past_key_values=past_key_values)
+                                     cross_attention_mask=cross_attention_mask, past_key_values=past_key_values,
+                                     words=dec_words)
         return {"lm_logits": self.logits(hidden), "encoder_last_hidden_state": enc_hidden_states,
                 "past_key_values": caches}
 

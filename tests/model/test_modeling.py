@@ -331,3 +331,41 @@ def test_activation_checkpointing_gives_identical_grads():
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
     for name, grad in grads[0][1].items():
         torch.testing.assert_close(grads[1][1][name], grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("prompt_len", [0, 3])
+def test_training_forward_embeds_encoder_and_decoder_in_one_lookup_with_the_same_result(monkeypatch, prompt_len):
+    """Training looks the encoder and decoder ids up in one call (one dense gradient for the shared table);
+    loss and every gradient equal the two separate lookups, prompt positions included."""
+    cfg = EncDecConfig(d_model=32, d_ff=48, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2, vocab_size=64,
+                       dropout_rate=0.0)
+    prompt = {"enc": {"prompt_len": prompt_len}} if prompt_len else None
+    torch.manual_seed(0)
+    model = EncDecModel(cfg, parallel_output=False, prompt_config=prompt).train()
+    randomize_(model, 1)
+    gen = torch.Generator().manual_seed(4)
+    enc = torch.randint(1, 64, (3, 9), generator=gen)
+    if prompt_len:
+        enc[:, :prompt_len] = -torch.arange(1, prompt_len + 1)
+    dec, labels = torch.randint(1, 64, (3, 5), generator=gen), torch.randint(1, 64, (3, 5), generator=gen)
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        logits = model(enc_input_ids=enc, dec_input_ids=dec)["lm_logits"]
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    calls = []
+    real = model._embed_both
+    monkeypatch.setattr(model, "_embed_both", lambda *a: calls.append(1) or real(*a))
+    loss, grads = loss_and_grads()
+    assert calls == [1]
+    monkeypatch.setattr(model, "_embed_both", lambda e, d: (model.word_embeds(e.clamp(min=0)), model.word_embeds(d)))
+    loss_ref, grads_ref = loss_and_grads()
+    torch.testing.assert_close(loss, loss_ref, rtol=0, atol=1e-6)
+    for name, grad in grads_ref.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    monkeypatch.setattr(model, "_embed_both", real)
+    with pytest.raises(ValueError, match="dec_input_ids holds ids"):  # the ids are still checked first
+        model(enc_input_ids=enc, dec_input_ids=dec + 64)
