@@ -15,18 +15,15 @@ HF_PAD_ID, HF_EOS_ID, HF_START_ID = 0, 1, 0
 
 
 def make_hf_model(cfg: EncDecConfig, *, dtype: torch.dtype = torch.float32):
-    """An untrained HF T5 v1.1 twin of `cfg` (gated GeLU-tanh FF, untied head, no dropout)."""
+    """An untrained HF T5 v1.1 twin of `cfg` (gated GeLU-tanh FF, untied head, no dropout), configured by the
+    project's one HF config mapping (`model.checkpoint_hf.hf_config_for`, as `--to-hf` writes it)."""
     from transformers import T5Config, T5ForConditionalGeneration
 
-    hf_cfg = T5Config(
-        vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.d_kv, d_ff=cfg.d_ff, num_heads=cfg.num_heads,
-        num_layers=cfg.num_layers, num_decoder_layers=cfg.num_decoder_layers,
-        relative_attention_num_buckets=cfg.relative_attention_num_buckets,
-        relative_attention_max_distance=cfg.relative_attention_max_distance,
-        dropout_rate=0.0, layer_norm_epsilon=cfg.layer_norm_epsilon, feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False, decoder_start_token_id=HF_START_ID, pad_token_id=HF_PAD_ID,
-        eos_token_id=HF_EOS_ID, use_cache=True,
-    )
+    from model.checkpoint_hf import hf_config_for
+
+    config = hf_config_for(cfg.to_dict(), vocab_size=cfg.vocab_size, dtype=dtype, pad_token_id=HF_PAD_ID,
+                           eos_token_id=HF_EOS_ID, decoder_start_token_id=HF_START_ID)
+    hf_cfg = T5Config.from_dict({**config, "dropout_rate": 0.0})  # the peer never drops out, whatever cfg says
     if not hf_cfg.is_gated_act or hf_cfg.dense_act_fn != "gelu_new":
         raise RuntimeError("transformers no longer maps feed_forward_proj='gated-gelu' to gated gelu_new (tanh); "
                            "the peer would compute a different FF")
