@@ -10,7 +10,8 @@ import torch
 from model import EncDecConfig
 
 
-def make_hf_model(cfg: EncDecConfig):
+def make_hf_model(cfg: EncDecConfig, *, pad_token_id: int = 0, eos_token_id: int = 1,
+                  decoder_start_token_id: int = 0):
     """A ``transformers.T5ForConditionalGeneration`` of the same shape (imported here: transformers is slow to load)."""
     from transformers import T5Config, T5ForConditionalGeneration
     hf_cfg = T5Config(
@@ -19,7 +20,8 @@ def make_hf_model(cfg: EncDecConfig):
         relative_attention_num_buckets=cfg.relative_attention_num_buckets,
         relative_attention_max_distance=cfg.relative_attention_max_distance,
         dropout_rate=0.0, layer_norm_epsilon=cfg.layer_norm_epsilon, feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        tie_word_embeddings=False, decoder_start_token_id=decoder_start_token_id, pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
     )
     if not hf_cfg.is_gated_act or hf_cfg.dense_act_fn != "gelu_new":
         raise RuntimeError("transformers no longer maps feed_forward_proj='gated-gelu' to gated gelu_new")

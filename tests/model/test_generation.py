@@ -370,42 +370,11 @@ def test_cross_kv_projected_once(model, batch, eos, kw):
 # Hugging Face T5 with the same weights
 
 def to_hf_t5(model: EncDecModel, *, eos: int):
-    transformers = pytest.importorskip("transformers")
-    c = model.config
-    hf_config = transformers.T5Config(
-        vocab_size=c.vocab_size, d_model=c.d_model, d_kv=c.d_kv, d_ff=c.d_ff, num_layers=c.num_layers,
-        num_decoder_layers=c.num_decoder_layers, num_heads=c.num_heads,
-        relative_attention_num_buckets=c.relative_attention_num_buckets,
-        relative_attention_max_distance=c.relative_attention_max_distance, dropout_rate=0.0,
-        layer_norm_epsilon=c.layer_norm_epsilon, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-        pad_token_id=PAD, eos_token_id=eos, decoder_start_token_id=PREFIX[0])
-    sd = model.state_dict()
-    hf = {"shared.weight": sd["word_embeds.weight"], "encoder.embed_tokens.weight": sd["word_embeds.weight"],
-          "decoder.embed_tokens.weight": sd["word_embeds.weight"], "lm_head.weight": sd["lm_head.weight"]}
-    for stack, layers in (("encoder", c.num_layers), ("decoder", c.num_decoder_layers)):
-        for i in range(layers):
-            ours, theirs = f"{stack}.blocks.{i}.", f"{stack}.block.{i}.layer."
-            q, k, v = sd[ours + "self_attn.self_attn.project.weight"].chunk(3)
-            hf.update({theirs + "0.SelfAttention.q.weight": q, theirs + "0.SelfAttention.k.weight": k,
-                       theirs + "0.SelfAttention.v.weight": v,
-                       theirs + "0.SelfAttention.o.weight": sd[ours + "self_attn.self_attn.dense.weight"],
-                       theirs + "0.layer_norm.weight": sd[ours + "self_attn.layer_norm.weight"]})
-            ff = 1
-            if stack == "decoder":
-                ck, cv = sd[ours + "cross_attn.cross_attn.project_kv.weight"].chunk(2)
-                hf.update({theirs + "1.EncDecAttention.q.weight": sd[ours + "cross_attn.cross_attn.project_q.weight"],
-                           theirs + "1.EncDecAttention.k.weight": ck, theirs + "1.EncDecAttention.v.weight": cv,
-                           theirs + "1.EncDecAttention.o.weight": sd[ours + "cross_attn.cross_attn.dense.weight"],
-                           theirs + "1.layer_norm.weight": sd[ours + "cross_attn.layer_norm.weight"]})
-                ff = 2
-            for w in ("wi_0", "wi_1", "wo"):
-                hf[f"{theirs}{ff}.DenseReluDense.{w}.weight"] = sd[f"{ours}ff.dense_relu_dense.{w}.weight"]
-            hf[f"{theirs}{ff}.layer_norm.weight"] = sd[ours + "ff.layer_norm.weight"]
-        hf[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = \
-            sd[f"{stack}.blocks.0.self_attn.self_attn.relative_attention_bias.weight"]
-        hf[f"{stack}.final_layer_norm.weight"] = sd[f"{stack}.final_layernorm.weight"]
-    t5 = transformers.T5ForConditionalGeneration(hf_config)
-    t5.load_state_dict(hf, strict=True)
+    pytest.importorskip("transformers")
+    from hf_reference import load_into_hf, make_hf_model
+
+    t5 = make_hf_model(model.config, pad_token_id=PAD, eos_token_id=eos, decoder_start_token_id=PREFIX[0])
+    load_into_hf(t5, model.state_dict(), model.config)
     return t5.eval()
 
 
