@@ -158,6 +158,10 @@ def test_finetune_stops_on_nan_with_the_weights_before_the_bad_step(task, tmp_pa
 
 # ---------------------------------------------------------------- GPU only: DeepSpeed's fp16 loss scaler
 
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
+                               reason="fp16 needs a GPU: DeepSpeed's CPU accelerator refuses fp16")
+
+
 def _gpu_env(**extra):
     env = env_for(**extra)
     env.pop("DS_ACCELERATOR", None)
@@ -165,9 +169,8 @@ def _gpu_env(**extra):
 
 
 @pytest.mark.gpu
+@needs_gpu
 def test_fp16_overflow_is_skipped_and_logged_on_gpu(task, tmp_path):
-    if not torch.cuda.is_available():
-        pytest.skip("fp16 needs a GPU: DeepSpeed's CPU accelerator refuses fp16")
     data, vocab = task
     save = tmp_path / "run"
     proc = run_finetune(base_args(data, vocab, save, *TRAIN, "--fp16", "--train-iters", "4"),
@@ -177,9 +180,8 @@ def test_fp16_overflow_is_skipped_and_logged_on_gpu(task, tmp_path):
 
 
 @pytest.mark.gpu
+@needs_gpu
 def test_fp16_stops_after_max_nonfinite_steps_on_gpu(task, tmp_path):
-    if not torch.cuda.is_available():
-        pytest.skip("fp16 needs a GPU: DeepSpeed's CPU accelerator refuses fp16")
     data, vocab = task
     save = tmp_path / "run"
     proc = run_finetune(base_args(data, vocab, save, *TRAIN, "--fp16", "--train-iters", "8",
