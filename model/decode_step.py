@@ -36,8 +36,8 @@ def supports(model: torch.nn.Module, past: Optional[list]) -> bool:
     return model.lm_head.weight.dtype in (torch.float32, torch.bfloat16)
 
 
-def cross_bias_for_steps(model: torch.nn.Module, cross_attention_mask: Optional[torch.Tensor], enc_len: int,
-                         dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
+def cross_bias_for_steps(cross_attention_mask: Optional[torch.Tensor], enc_len: int, dtype: torch.dtype,
+                         device: torch.device) -> Optional[torch.Tensor]:
     """The additive cross-attention bias of a decode step ``[B, 1, 1, Le]`` (or None), as ``EncDecModel.decode``
     builds it from a ``[B, Le]`` mask; constant over the steps of one ``generate`` call."""
     from .enc_dec_modeling import additive_mask

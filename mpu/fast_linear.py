@@ -34,7 +34,7 @@ _ENABLED = os.environ.get("CPM2_ONEDNN_LINEAR", "1") != "0" and torch.backends.m
     and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 # id(weight) -> (weakref to weight, weight._version, weight.data_ptr(), packed weight); for linear_pair,
-# (id(a), id(b)) -> (weakref to a, b, versions and pointers of both, packed [a; b])
+# (id(a), id(b)) -> (weakref to a, b, versions and pointers of both, packed [a; b]) (packed_pair)
 _PACKED: dict[int, tuple] = {}
 
 
@@ -87,32 +87,46 @@ def packed_weight(weight: torch.Tensor) -> torch.Tensor:
     return packed
 
 
+def packed_pair(weight_a: torch.Tensor, weight_b: torch.Tensor) -> torch.Tensor:
+    """The oneDNN-blocked copy of ``[weight_a; weight_b]`` (inference only), rebuilt when either weight changed."""
+    key = (id(weight_a), id(weight_b))
+    versions = (weight_a._version, weight_a.data_ptr(), weight_b._version, weight_b.data_ptr())
+    entry = _PACKED.get(key)
+    if entry is None or entry[0]() is not weight_a or entry[1] is not weight_b or entry[2] != versions:
+        packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat([weight_a.detach(), weight_b.detach()]), None)
+        ref = weakref.ref(weight_a, lambda _, k=key: _PACKED.pop(k, None))
+        entry = (ref, weight_b, versions, packed)
+        _PACKED[key] = entry
+    return entry[3]
+
+
+def _packable(*weights: torch.Tensor) -> bool:
+    """Inference inside a :func:`packed_weights` block, with 2-D fp32 CPU weights oneDNN can pack."""
+    return bool(_PACK_DEPTH) and _ENABLED and torch.is_inference_mode_enabled() and all(
+        w.dtype == torch.float32 and w.device.type == "cpu" and w.dim() == 2 for w in weights)
+
+
+def _onednn_input(x: torch.Tensor) -> bool:
+    return x.dtype == torch.float32 and x.device.type == "cpu"
+
+
 def bind(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x -> linear(x, weight)`` for calls that all happen inside the current :func:`packed_weights` block at
     inference (one decode step after another): the packed weight is looked up once here, not at every call."""
-    if _PACK_DEPTH and torch.is_inference_mode_enabled() and _ENABLED and weight.dtype == torch.float32 \
-            and weight.device.type == "cpu" and weight.dim() == 2:
+    if _packable(weight):
         packed = packed_weight(weight)
-        return lambda x: _onednn(x, packed) if x.dtype == torch.float32 and x.device.type == "cpu" \
-            else linear(x, weight)
+        return lambda x: _onednn(x, packed) if _onednn_input(x) else linear(x, weight)
     return lambda x: linear(x, weight)
 
 
 def bind_pair(weight_a: torch.Tensor, weight_b: torch.Tensor
               ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """:func:`bind` for :func:`linear_pair`."""
-    if _PACK_DEPTH and torch.is_inference_mode_enabled() and _ENABLED and weight_a.dtype == torch.float32 \
-            and weight_b.dtype == torch.float32 and weight_a.device.type == "cpu" \
-            and weight_a.dim() == 2 and weight_a.shape[1:] == weight_b.shape[1:]:
-        x0 = weight_a.new_empty(1, weight_a.size(1))
-        linear_pair(x0, weight_a, weight_b)  # packs the concatenated pair into the cache
-        entry = _PACKED.get((id(weight_a), id(weight_b)))
-        if entry is None:
-            return lambda x: linear_pair(x, weight_a, weight_b)
-        packed, split = entry[3], weight_a.size(0)
+    if _packable(weight_a, weight_b) and weight_a.size(1) == weight_b.size(1):
+        packed, split = packed_pair(weight_a, weight_b), weight_a.size(0)
 
         def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            if x.dtype != torch.float32 or x.device.type != "cpu":
+            if not _onednn_input(x):
                 return linear(x, weight_a), linear(x, weight_b)
             y = _onednn(x, packed)
             return y[..., :split], y[..., split:]
@@ -125,18 +139,9 @@ def linear_pair(x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor
     """``(linear(x, weight_a), linear(x, weight_b))``; inside a :func:`packed_weights` block at inference, as one
     GEMM on the two weights concatenated and packed once (one pass over ``x`` and one oneDNN call instead of two;
     the outputs are views into one ``[*, out_a + out_b]`` tensor)."""
-    if not (_PACK_DEPTH and torch.is_inference_mode_enabled() and _usable(x, weight_a) and _usable(x, weight_b)
-            and weight_a.size(1) == weight_b.size(1)):
+    if not (_packable(weight_a, weight_b) and _usable(x, weight_a) and weight_a.size(1) == weight_b.size(1)):
         return linear(x, weight_a), linear(x, weight_b)
-    key = (id(weight_a), id(weight_b))
-    versions = (weight_a._version, weight_a.data_ptr(), weight_b._version, weight_b.data_ptr())
-    entry = _PACKED.get(key)
-    if entry is None or entry[0]() is not weight_a or entry[1] is not weight_b or entry[2] != versions:
-        packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat([weight_a.detach(), weight_b.detach()]), None)
-        ref = weakref.ref(weight_a, lambda _, k=key: _PACKED.pop(k, None))
-        entry = (ref, weight_b, versions, packed)
-        _PACKED[key] = entry
-    y = _onednn(x, entry[3])
+    y = _onednn(x, packed_pair(weight_a, weight_b))
     return y[..., :weight_a.size(0)], y[..., weight_a.size(0):]
 
 

@@ -99,7 +99,7 @@ class CachedDecoder:
         if self._cross_bias is None and self.cross_attention_mask is not None:
             cross_k = self.past[0]["cross_k"]
             self._cross_bias = decode_step.cross_bias_for_steps(
-                self.model, self.cross_attention_mask, cross_k.size(2), cross_k.dtype, cross_k.device)
+                self.cross_attention_mask, cross_k.size(2), cross_k.dtype, cross_k.device)
         if self._plan is None:
             self._plan = decode_step.StepPlan(self.model)
         hidden, self.past = decode_step.decode_step(self.model, tokens, self.past, self._cross_bias, self._plan)
