@@ -24,6 +24,7 @@ import mpu
 from mpu.layers import InitMethod
 
 from .configuration_enc_dec import EncDecConfig
+from .attention_ops import biased_attention, split_heads
 from .fast_inference import GrowableLayerCache, append_kv, single_query_attention
 
 LayerCache = dict[str, torch.Tensor]  # {"self_k", "self_v", "cross_k", "cross_v"}: [B, Hp, L, dk]
@@ -110,7 +111,8 @@ class Attention(nn.Module):
 
     Heads are split over model-parallel ranks: the fused weights use stride 3 / 2 so that each rank holds
     ``[Q_r; K_r; V_r]`` (``[K_r; V_r]``) of the same heads. The additive ``attn_bias`` (mask + position bias)
-    enters ``scaled_dot_product_attention`` as one float mask with ``scale=1.0``: one kernel, one softmax.
+    enters ``scaled_dot_product_attention`` as one float mask with ``scale=1.0``: one kernel, one softmax; when that
+    bias needs a gradient (training), :func:`attention_ops.biased_attention` computes the same thing for less.
     """
 
     def __init__(self, config: EncDecConfig, *, cross: bool, has_relative_bias: bool, bidirectional: bool,
@@ -164,9 +166,7 @@ class Attention(nn.Module):
 
     def _heads(self, x: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
         """``[B, L, parts*Hp*dk]`` -> ``parts`` tensors ``[B, Hp, L, dk]`` (rows grouped [part][head][dk])."""
-        b, length, _ = x.shape
-        x = x.view(b, length, parts, self.heads, self.d_kv)  # [B, L, parts, Hp, dk]
-        return tuple(x.permute(2, 0, 3, 1, 4).unbind(0))  # parts x [B, Hp, L, dk]
+        return split_heads(x, parts, self.heads, self.d_kv)  # parts x [B, Hp, L, dk]
 
     def forward(self, x: torch.Tensor, attn_bias: Optional[torch.Tensor], *,
                 kv_input: Optional[torch.Tensor] = None,
@@ -208,8 +208,14 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(b // k.size(0), dim=0), v.repeat_interleave(b // k.size(0), dim=0)
         # Attention-prob dropout acts on sharded heads: draw it from the model-parallel RNG stream.
         with _parallel_dropout_context(dropout > 0):
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout,
-                                                     scale=score_scale(self.d_kv))  # [B, Hp, Lq, dk]
+            # A bias that needs a gradient (the position bias in training) rules out SDPA's fused kernels. Chosen by
+            # the bias alone, not by grad mode, so that an activation-checkpointing recompute takes the same path
+            # (and draws the same dropout mask) as the no-grad forward it repeats.
+            if attn_bias is not None and attn_bias.requires_grad and score_scale(self.d_kv) == 1.0:
+                context = biased_attention(q, k, v, attn_bias, dropout)  # [B, Hp, Lq, dk]
+            else:
+                context = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout,
+                                                         scale=score_scale(self.d_kv))  # [B, Hp, Lq, dk]
         context = context.transpose(1, 2).reshape(b, q_len, self.heads * self.d_kv)  # [B, Lq, Hp*dk]
         return self.dense(context), (k, v)
 

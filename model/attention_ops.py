@@ -1,0 +1,67 @@
+"""``[B, L, parts*H*dk]`` -> ``parts`` views ``[B, H, L, dk]``, with a backward that writes one gradient buffer.
+
+Why: as ``view -> permute -> unbind``, autograd's backward first stacks the part gradients into a new
+``[parts, B, H, L, dk]`` tensor (``UnbindBackward``) and then copies that again to undo the permute
+(``ViewBackward``'s reshape of a non-contiguous tensor): two full passes over the Q/K/V gradient of every attention
+layer (~18 ms of a 600 ms CPU training step of the benchmark model, benchmarks/RESULTS.md). Here each part's
+gradient is copied once, straight into its slot of the ``[B, L, parts, H, dk]`` input gradient.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class _SplitHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, parts: int, heads: int, d_kv: int):
+        b, length, _ = x.shape
+        ctx.shape = (b, length, parts, heads, d_kv)
+        ctx.set_materialize_grads(False)  # a part without gradient (e.g. unused) arrives as None, not zeros
+        split = x.view(b, length, parts, heads, d_kv).permute(2, 0, 3, 1, 4)  # [parts, B, H, L, dk]
+        return tuple(split[i] for i in range(parts))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        b, length, parts, heads, d_kv = ctx.shape
+        dtype_like = next(g for g in grads if g is not None)
+        grad = dtype_like.new_empty(b, length, parts, heads, d_kv)
+        for i, g in enumerate(grads):
+            slot = grad[:, :, i].transpose(1, 2)  # [B, H, L, dk] view of part i
+            if g is None:
+                slot.zero_()
+            else:
+                slot.copy_(g)
+        return grad.view(b, length, parts * heads * d_kv), None, None, None
+
+
+def split_heads(x: torch.Tensor, parts: int, heads: int, d_kv: int) -> tuple[torch.Tensor, ...]:
+    """``x [B, L, parts*heads*d_kv]`` (rows grouped [part][head][dk]) -> ``parts`` tensors ``[B, heads, L, dk]``.
+
+    The results are views of ``x``. Under autograd the custom backward above is used; otherwise plain views.
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _SplitHeads.apply(x, parts, heads, d_kv)
+    b, length, _ = x.shape
+    return tuple(x.view(b, length, parts, heads, d_kv).permute(2, 0, 3, 1, 4).unbind(0))
+
+
+def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                     dropout_p: float = 0.0) -> torch.Tensor:
+    """``softmax(q k^T + bias) v`` (T5: unscaled scores) for training with a position bias that needs a gradient.
+
+    Why not ``scaled_dot_product_attention``: a float mask that requires grad sends SDPA to its math path, which
+    on top of the same two batched GEMMs multiplies q and k by sqrt(scale) even for scale 1, copies k^T, and runs a
+    "safe" softmax that scans every row for all -inf (``all``/``where``/``isneginf``). Here the bias enters the
+    first GEMM as ``baddbmm``'s input (no separate add pass) and the softmax is the plain one: the masks of this
+    model are finite (very negative), so no row is all -inf.
+
+    ``q [B, H, Lq, dk]``, ``k``/``v`` ``[B, H, Lk, dk]``, ``bias`` broadcastable to ``[B, H, Lq, Lk]`` -> ``[B, H, Lq, dk]``.
+    """
+    b, heads, q_len, d_kv = q.shape
+    k_len = k.size(2)
+    scores = torch.baddbmm(bias.expand(b, heads, q_len, k_len).reshape(b * heads, q_len, k_len),
+                           q.reshape(b * heads, q_len, d_kv), k.reshape(b * heads, k_len, d_kv).transpose(1, 2))
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_p > 0.0:
+        probs = torch.nn.functional.dropout(probs, p=dropout_p)
+    return torch.bmm(probs, v.reshape(b * heads, k_len, d_kv)).view(b, heads, q_len, d_kv)
