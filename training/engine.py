@@ -17,9 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
+from training.grad_clip import FusedClipping
 from training.lr_schedule import WarmupDecayLR
 
 logger = logging.getLogger(__name__)
+_FUSED_CLIPPING = True
 
 DEFAULT_DS_CONFIG: dict = {
     "zero_optimization": {"stage": 0},
@@ -128,4 +130,6 @@ def build_engine(model: torch.nn.Module, s: OptimSettings, ds_config: dict, *, p
         # model-sized temporary (benchmarks/RESULTS.md, profile). ZeRO stages do their reduction in the
         # optimizer and keep DeepSpeed's path.
         engine.enable_backward_allreduce = False
+    if _FUSED_CLIPPING:
+        FusedClipping.install(engine, optimizer, s.clip_grad)
     return engine, ds_optimizer, ds_scheduler
