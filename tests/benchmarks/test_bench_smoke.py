@@ -2,6 +2,7 @@
 import json
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 
@@ -33,7 +34,14 @@ def test_bench_cpu_tiny_run_writes_the_schema(tmp_path):
     train = result["entries"]["train"]
     assert set(train["shapes"]) == {"finetune", "gentask"}
     assert train["ratio"] == min(s["ratio"] for s in train["shapes"].values())
-    assert "2mnk" in result["entries"]["mfu"]["formula"]
+    mfu = result["entries"]["mfu"]
+    assert "2mnk" in mfu["formula"]
+    # MFU is taken against the better of the two peak measurements (start, end), never the lower one
+    best = max(result["fp32_gemm_peak"]["flops_per_s"], result["fp32_gemm_peak_end"]["flops_per_s"])
+    assert mfu["peak_gflop_per_s"] == round(best / 1e9, 2)
+    for name, shape in train["shapes"].items():
+        step_s = statistics.median(shape["ours_step_s"])
+        assert mfu["per_shape"][name]["ours"] == pytest.approx(shape["train_flop"] / step_s / best, abs=6e-5), name  # rounded to 4 places
     for name in ("generate_greedy", "generate_beam4"):
         assert result["entries"][name]["same_tokens_fraction"] >= 0.0
     runs = result["entries"]["prompt_memory"]["runs"]
