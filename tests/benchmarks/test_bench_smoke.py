@@ -82,3 +82,18 @@ def test_bench_gpu_refuses_cleanly_without_cuda():
                           text=True, timeout=120)
     assert done.returncode != 0
     assert "needs a CUDA GPU" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_step_breakdown_tiny(tmp_path):
+    out = tmp_path / "breakdown.json"
+    done = subprocess.run([sys.executable, "benchmarks/step_breakdown.py", "--tiny", "--shape", "4,16,8", "--steps", "2",
+                           "--json", str(out)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=170)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    spans = result["spans_ms"]
+    assert {"engine.forward", "engine.backward", "engine.step", "forward of Attention"} <= set(spans)
+    # every GEMM of the step happens inside the engine's forward or backward, none in the optimizer step
+    inside = spans["engine.forward"]["gemm"] + spans["engine.backward"]["gemm"]
+    assert result["gemm_ms"] == pytest.approx(inside, abs=0.05) and spans["engine.step"]["gemm"] == 0
+    assert 0 < result["gemm_ms"] < result["step_ms_median"] * 1.2
+    assert any("A transposed" in key for key in result["gemm_by_shape"])  # weight-gradient GEMMs were seen
