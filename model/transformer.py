@@ -28,6 +28,7 @@ from .attention_ops import biased_attention, split_heads
 from .fast_inference import GrowableLayerCache, append_kv, single_query_attention
 
 LayerCache = dict[str, torch.Tensor]  # {"self_k", "self_v", "cross_k", "cross_v"}: [B, Hp, L, dk]
+_CPU_TRAINING_ATTENTION = True  # module switch for A/B timing and tests
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -111,8 +112,8 @@ class Attention(nn.Module):
 
     Heads are split over model-parallel ranks: the fused weights use stride 3 / 2 so that each rank holds
     ``[Q_r; K_r; V_r]`` (``[K_r; V_r]``) of the same heads. The additive ``attn_bias`` (mask + position bias)
-    enters ``scaled_dot_product_attention`` as one float mask with ``scale=1.0``: one kernel, one softmax; when that
-    bias needs a gradient (training), :func:`attention_ops.biased_attention` computes the same thing for less.
+    enters ``scaled_dot_product_attention`` as one float mask with ``scale=1.0``: one kernel, one softmax; in
+    training on CPU, :func:`attention_ops.biased_attention` computes the same thing for less.
     """
 
     def __init__(self, config: EncDecConfig, *, cross: bool, has_relative_bias: bool, bidirectional: bool,
@@ -208,10 +209,12 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(b // k.size(0), dim=0), v.repeat_interleave(b // k.size(0), dim=0)
         # Attention-prob dropout acts on sharded heads: draw it from the model-parallel RNG stream.
         with _parallel_dropout_context(dropout > 0):
-            # A bias that needs a gradient (the position bias in training) rules out SDPA's fused kernels. Chosen by
-            # the bias alone, not by grad mode, so that an activation-checkpointing recompute takes the same path
-            # (and draws the same dropout mask) as the no-grad forward it repeats.
-            if attn_bias is not None and attn_bias.requires_grad and score_scale(self.d_kv) == 1.0:
+            # Training on CPU: the plain GEMM + softmax path (attention_ops.biased_attention says why). Chosen by
+            # train mode and device, not by grad mode, so that an activation-checkpointing recompute takes the same
+            # path (and draws the same dropout mask) as the no-grad forward it repeats. On GPU, SDPA's kernels
+            # (memory-efficient attention handles a bias that needs a gradient) are the better choice.
+            if _CPU_TRAINING_ATTENTION and self.training and q.device.type == "cpu" \
+                    and score_scale(self.d_kv) == 1.0:
                 context = biased_attention(q, k, v, attn_bias, dropout)  # [B, Hp, Lq, dk]
             else:
                 context = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout,

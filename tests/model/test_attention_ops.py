@@ -2,9 +2,12 @@
 training step's gradients equal Hugging Face T5's (the independent reference) through them."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model import EncDecConfig, EncDecModel
 from model import attention_ops, transformer
@@ -34,21 +37,27 @@ def test_split_heads_values_and_gradient(used):
     assert grads[0].abs().sum() > 0
 
 
-@pytest.mark.parametrize("bias_shape", ["BH", "1H", "B1"])
+@pytest.mark.parametrize("bias_shape", ["BH", "1H", "B1", "none", "B1-no-grad"])
 def test_biased_attention_matches_sdpa(bias_shape):
     torch.manual_seed(0)
     b, heads, q_len, k_len, d_kv = 3, 4, 7, 9, 8
     q, k, v = (torch.randn(b, heads, n, d_kv, requires_grad=True) for n in (q_len, k_len, k_len))
-    shape = {"BH": (b, heads), "1H": (1, heads), "B1": (b, 1)}[bias_shape] + (q_len, k_len)
-    bias = torch.randn(shape)
-    bias[0, ..., 2, :] = torch.finfo(torch.float32).min / 2  # a fully masked query row, as additive_mask makes
-    bias.requires_grad_(True)
+    bias, inputs = None, (q, k, v)
+    if bias_shape != "none":
+        shape = {"BH": (b, heads), "1H": (1, heads), "B1": (b, 1)}[bias_shape[:2]] + (q_len, k_len)
+        bias = torch.randn(shape)
+        bias[0, ..., 2, :] = torch.finfo(torch.float32).min / 2  # a fully masked query row, as additive_mask makes
+        if not bias_shape.endswith("no-grad"):  # position bias (trained) vs a plain mask (cross-attention)
+            bias.requires_grad_(True)
+            inputs = (q, k, v, bias)
     upstream = torch.randn(b, heads, q_len, d_kv)
     results = []
-    for attend in (attention_ops.biased_attention,
-                   lambda q, k, v, bias: F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)):
-        out = attend(q, k, v, bias)
-        grads = torch.autograd.grad((out * upstream).sum(), (q, k, v, bias))
+    for ours in (True, False):
+        # reference: SDPA's math backend (its definition; the flash kernel treats a fully masked row differently)
+        with contextlib.nullcontext() if ours else sdpa_kernel(SDPBackend.MATH):
+            out = attention_ops.biased_attention(q, k, v, bias) if ours else \
+                F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+        grads = torch.autograd.grad((out * upstream).sum(), inputs)
         results.append((out, *grads))
     for ours, ref in zip(*results):
         assert torch.isfinite(ours).all()
@@ -81,7 +90,10 @@ def test_training_gradients_match_hf_t5_through_the_new_ops(monkeypatch):
     F.cross_entropy(logits.flatten(0, 1), labels.flatten()).backward()
     hf_logits = hf(input_ids=enc, attention_mask=enc_mask, decoder_input_ids=dec).logits
     F.cross_entropy(hf_logits.flatten(0, 1), labels.flatten()).backward()
-    assert calls["split"] >= 6 and calls["attention"] == 4  # 2 encoder + 2 decoder self-attentions
+    assert calls["split"] >= 6 and calls["attention"] == 6  # 2 encoder, 2 decoder self- and 2 cross-attentions
+    with torch.no_grad():  # evaluation keeps SDPA (flash kernels, no materialised scores)
+        ours.eval()(enc, enc_attention_mask=enc_mask, dec_input_ids=dec, cross_attention_mask=enc_mask)
+    assert calls["attention"] == 6
     our_grads = to_hf_state_dict({n: p.grad for n, p in ours.named_parameters()}, cfg)
     hf_grads = {n: p.grad for n, p in hf.named_parameters() if p.grad is not None}
     assert set(our_grads) == set(hf_grads)
