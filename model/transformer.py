@@ -209,11 +209,15 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(b // k.size(0), dim=0), v.repeat_interleave(b // k.size(0), dim=0)
         # Attention-prob dropout acts on sharded heads: draw it from the model-parallel RNG stream.
         with _parallel_dropout_context(dropout > 0):
-            # Training on CPU: the plain GEMM + softmax path (attention_ops.biased_attention says why). Chosen by
-            # train mode and device, not by grad mode, so that an activation-checkpointing recompute takes the same
-            # path (and draws the same dropout mask) as the no-grad forward it repeats. On GPU, SDPA's kernels
-            # (memory-efficient attention handles a bias that needs a gradient) are the better choice.
-            if _CPU_TRAINING_ATTENTION and self.training and q.device.type == "cpu" \
+            # Training on CPU: the plain GEMM + softmax path (attention_ops.biased_attention says why), when this
+            # attention trains (its weights or the position bias need gradients: the scores are then kept for the
+            # backward anyway); a frozen attention (prompt tuning) keeps SDPA's flash kernel, which keeps no scores.
+            # Chosen by train mode, device and requires_grad flags, not by grad mode, so that an activation-
+            # checkpointing recompute takes the same path (and draws the same dropout mask) as the no-grad forward
+            # it repeats. On GPU, SDPA's kernels (memory-efficient attention handles a bias that needs a gradient)
+            # are the better choice.
+            trains = self.dense.weight.requires_grad or (attn_bias is not None and attn_bias.requires_grad)
+            if _CPU_TRAINING_ATTENTION and self.training and trains and q.device.type == "cpu" \
                     and score_scale(self.d_kv) == 1.0:
                 context = biased_attention(q, k, v, attn_bias, dropout)  # [B, Hp, Lq, dk]
             else:

@@ -100,3 +100,22 @@ def test_training_gradients_match_hf_t5_through_the_new_ops(monkeypatch):
     for name, grad in hf_grads.items():
         # fp32 sums in a different order: compare against the tensor's own scale
         torch.testing.assert_close(our_grads[name], grad, rtol=1e-4, atol=1e-4 * grad.abs().max().item(), msg=name)
+
+
+def test_frozen_attention_keeps_sdpa_in_prompt_tuning(monkeypatch):
+    """fix_model (only the soft prompt trains): no attention trains, so none materialises its scores for a backward;
+    SDPA's flash kernel stays (prompt tuning's memory advantage). The same model fully trained uses the GEMM path."""
+    calls = []
+    original = transformer.biased_attention
+    monkeypatch.setattr(transformer, "biased_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    cfg = EncDecConfig(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2, vocab_size=60)
+    model = EncDecModel(cfg, prompt_config={"enc": {"prompt_len": 3}}).train()
+    ids, dec = torch.tensor([[-1, -2, -3, 5, 7, 9]]), torch.tensor([[1, 2, 3]])
+    for name, p in model.named_parameters():
+        p.requires_grad_(name == "encoder.prompt_embeds.weight")
+    model(ids, dec_input_ids=dec)["lm_logits"].sum().backward()
+    assert calls == [] and model.encoder.prompt_embeds.weight.grad.abs().sum() > 0
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model(ids, dec_input_ids=dec)["lm_logits"].sum().backward()
+    assert len(calls) == 6  # 2 encoder, 2 decoder self-, 2 cross-attentions
