@@ -71,7 +71,9 @@ def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Op
         scores = torch.bmm(q3, k3t)
     else:
         scores = torch.baddbmm(bias.expand(b, heads, q_len, k_len).reshape(b * heads, q_len, k_len), q3, k3t)
-    probs = torch.softmax(scores, dim=-1)
+    # bf16/fp16 scores: normalise in fp32 (as SDPA's CPU flash kernel accumulates), then back to the input dtype
+    probs = torch.softmax(scores, dim=-1) if scores.dtype == torch.float32 else \
+        torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
     if dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p)
     return torch.bmm(probs, v.reshape(b * heads, k_len, d_kv)).view(b, heads, q_len, d_kv)

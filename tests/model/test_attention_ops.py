@@ -119,3 +119,13 @@ def test_frozen_attention_keeps_sdpa_in_prompt_tuning(monkeypatch):
         p.requires_grad_(True)
     model(ids, dec_input_ids=dec)["lm_logits"].sum().backward()
     assert len(calls) == 6  # 2 encoder, 2 decoder self-, 2 cross-attentions
+
+
+def test_biased_attention_bf16_normalises_in_fp32():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 8) for n in (5, 7, 7))
+    bias = torch.randn(2, 3, 5, 7) * 4
+    ref = attention_ops.biased_attention(q, k, v, bias)
+    low = attention_ops.biased_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), bias.bfloat16())
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), ref, rtol=0.05, atol=0.05)
