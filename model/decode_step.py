@@ -22,6 +22,7 @@ import torch
 import mpu
 from mpu import fast_linear
 
+from .attention_ops import split_heads
 from .fast_inference import GrowableLayerCache, append_kv, single_query_attention
 from .transformer import gated_gelu, rms_norm
 
@@ -88,23 +89,17 @@ def decode_step(model: torch.nn.Module, tokens: torch.Tensor, past: list[Growabl
     return plan.final_norm(h), new_past
 
 
-def _heads(x: torch.Tensor, parts: int, heads: int, d_kv: int) -> tuple[torch.Tensor, ...]:
-    """``[N, 1, parts*Hp*dk]`` -> ``parts`` views ``[N, Hp, 1, dk]`` (the fused weights' [part][head][dk] rows)."""
-    n = x.size(0)
-    return tuple(x.view(n, parts, heads, 1, d_kv).unbind(1))
-
-
 def _layer_step(layer: _LayerPlan, h: torch.Tensor, cache: GrowableLayerCache, self_bias: torch.Tensor,
                 cross_bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, GrowableLayerCache]:
     n, heads, d_kv = h.size(0), layer.heads, layer.d_kv
     (self_norm, self_eps), (cross_norm, cross_eps), (ff_norm, ff_eps) = layer.norms
     # self-attention (pre-norm, residual); the new K/V are written into the cache buffers
-    q, k, v = _heads(layer.qkv(rms_norm(h, self_norm, self_eps)), 3, heads, d_kv)
+    q, k, v = split_heads(layer.qkv(rms_norm(h, self_norm, self_eps)), 3, heads, d_kv)
     k, v = append_kv(cache["self_k"], k), append_kv(cache["self_v"], v)
     context = single_query_attention(q, k, v, self_bias).reshape(n, 1, heads * d_kv)
     h = h + mpu.reduce_from_model_parallel_region(layer.self_out(context))
     # cross-attention on the cached encoder K/V
-    (q,) = _heads(layer.q(rms_norm(h, cross_norm, cross_eps)), 1, heads, d_kv)
+    (q,) = split_heads(layer.q(rms_norm(h, cross_norm, cross_eps)), 1, heads, d_kv)
     context = single_query_attention(q, cache["cross_k"], cache["cross_v"], cross_bias).reshape(n, 1, heads * d_kv)
     h = h + mpu.reduce_from_model_parallel_region(layer.cross_out(context))
     # gated-GeLU feed-forward, wi_0 and wi_1 in one GEMM

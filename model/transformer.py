@@ -23,12 +23,11 @@ from torch import nn
 import mpu
 from mpu.layers import InitMethod
 
-from .configuration_enc_dec import EncDecConfig
 from .attention_ops import biased_attention, split_heads
+from .configuration_enc_dec import EncDecConfig
 from .fast_inference import GrowableLayerCache, append_kv, single_query_attention
 
 LayerCache = dict[str, torch.Tensor]  # {"self_k", "self_v", "cross_k", "cross_v"}: [B, Hp, L, dk]
-_CPU_TRAINING_ATTENTION = True  # module switch for A/B timing and tests
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -217,7 +216,7 @@ class Attention(nn.Module):
             # it repeats. On GPU, SDPA's kernels (memory-efficient attention handles a bias that needs a gradient)
             # are the better choice.
             trains = self.dense.weight.requires_grad or (attn_bias is not None and attn_bias.requires_grad)
-            if _CPU_TRAINING_ATTENTION and self.training and trains and q.device.type == "cpu" \
+            if self.training and trains and q.device.type == "cpu" \
                     and score_scale(self.d_kv) == 1.0:
                 context = biased_attention(q, k, v, attn_bias, dropout)  # [B, Hp, Lq, dk]
             else:
