@@ -44,10 +44,9 @@ def _supports_grad_scale(optimizer: torch.optim.Optimizer) -> bool:
 class FusedClipping:
     """Replaces ``engine.clip_fp32_gradients`` (see the module docstring); :meth:`install` says whether it did."""
 
-    def __init__(self, engine, optimizer: torch.optim.Optimizer, max_norm: float) -> None:
-        self.engine, self.optimizer, self.max_norm = engine, optimizer, float(max_norm)
+    def __init__(self, optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+        self.optimizer, self.max_norm = optimizer, float(max_norm)
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.last_norm: torch.Tensor | None = None
         self.in_kernel = _supports_grad_scale(optimizer)
 
     @classmethod
@@ -57,7 +56,7 @@ class FusedClipping:
         if max_norm <= 0 or engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization() \
                 or engine.optimizer is not optimizer or not hasattr(engine, "clip_fp32_gradients"):
             return None
-        clipping = cls(engine, optimizer, max_norm)
+        clipping = cls(optimizer, max_norm)
         engine.clip_fp32_gradients = clipping
         if clipping.in_kernel:
             optimizer.register_step_post_hook(clipping._clear_scale)
@@ -65,7 +64,6 @@ class FusedClipping:
 
     def __call__(self) -> torch.Tensor:
         norm = global_grad_norm(self.params)
-        self.last_norm = norm
         coef = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0)
         if self.in_kernel:
             self.optimizer.grad_scale = coef.reciprocal().reshape(1)  # the kernel divides each gradient by it
