@@ -6,6 +6,7 @@ Run `python finetune_cpm2.py --help`, or the scripts under scripts/full_model an
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -281,4 +282,7 @@ if __name__ == "__main__":
             sys.stderr.flush()
             time.sleep(2.0)
             os._exit(2)
-        sys.exit(2)
+    # Only after a handled error: the except block has released the error's traceback, whose frames held the
+    # engine and with it process groups that teardown could not destroy. See training.setup.teardown.
+    gc.collect()
+    sys.exit(2)

@@ -5,6 +5,8 @@ Only this module and `arguments.py` read the environment. Everything below recei
 from __future__ import annotations
 
 import datetime
+import gc
+import importlib
 import logging
 import os
 import random
@@ -137,6 +139,13 @@ def init_distributed(mp_size: int, timeout_minutes: float | None = None) -> Dist
         if not timeout_minutes > 0:
             raise ValueError(f"CPM2_DIST_TIMEOUT_MINUTES={raw!r} must be a positive number of minutes (default 30)")
     timeout = datetime.timedelta(minutes=timeout_minutes)
+    # torch.distributed.nn.functional binds `group=group.WORLD` as default arguments when first imported. DeepSpeed
+    # imports it while building an engine, i.e. after the world group exists, and ten functions then hold that
+    # group until the interpreter ends: teardown cannot destroy it, its gloo worker threads outlive Python, and
+    # one of them finishing a collective during interpreter shutdown aborted the process ("terminate called
+    # without an active exception", SIGABRT, exit 134 after a finished run). Imported here first, the defaults
+    # are None (resolved to the current world group at call time).
+    importlib.import_module("torch.distributed.nn.functional")
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
     mpu.initialize_model_parallel(mp_size, timeout=timeout)  # new groups do not inherit the world's timeout
     return DistInfo(
@@ -166,3 +175,8 @@ def teardown() -> None:
         mpu.destroy_model_parallel()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    # The engine, optimizer and hooks of a finished run form reference cycles that still hold process groups.
+    # Collect them now, while the interpreter is whole: each group's destructor (which releases the GIL) joins its
+    # worker threads. Left to the collection inside interpreter shutdown, a worker still releasing the tensors of
+    # the last collective needs the GIL there and aborts the process.
+    gc.collect()
