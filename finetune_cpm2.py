@@ -6,7 +6,6 @@ Run `python finetune_cpm2.py --help`, or the scripts under scripts/full_model an
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import logging
 import os
@@ -146,7 +145,9 @@ def main(argv=None) -> int:
     finally:
         if sink is not None:
             sink.close()
-        teardown()
+    # Not in the finally: after a dead peer, destroying the groups blocks on their workers before the error
+    # could be reported. The handlers under __main__ tear down after reporting.
+    teardown()
     return 0
 
 
@@ -282,7 +283,7 @@ if __name__ == "__main__":
             sys.stderr.flush()
             time.sleep(2.0)
             os._exit(2)
-    # Only after a handled error: the except block has released the error's traceback, whose frames held the
-    # engine and with it process groups that teardown could not destroy. See training.setup.teardown.
-    gc.collect()
+    # A handled error that is not a collective failure: the peers (if any) are alive, and the except block has
+    # released the traceback whose frames held the engine, so the groups can be destroyed and their threads joined.
+    teardown()
     sys.exit(2)
