@@ -180,3 +180,24 @@ def teardown() -> None:
     # worker threads. Left to the collection inside interpreter shutdown, a worker still releasing the tensors of
     # the last collective needs the GIL there and aborts the process.
     gc.collect()
+    leftover = process_group_threads()
+    if leftover:
+        logger.warning(
+            "teardown: %d process-group threads still running (%s): something still holds a process group, and "
+            "the interpreter's exit may abort (SIGABRT) after a finished run", len(leftover), ", ".join(leftover))
+
+
+def process_group_threads() -> list[str]:
+    """Names of this process's gloo/NCCL worker threads (Linux; elsewhere always empty)."""
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return []
+    names = []
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/comm", encoding="utf-8") as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended meanwhile
+            continue
+    return sorted(n for n in names if n.startswith(("pt_gloo", "gloo_", "pt_nccl")))
