@@ -206,13 +206,18 @@ def run(args, dist):
         logger.info("training: %d examples, %d steps (%d epochs x %d micro-batches of %d per DP rank, grad acc %d)",
                     len(data["train"]), steps, args.epochs, train.micro_batches_per_epoch, args.batch_size,
                     args.gradient_accumulation_steps)
+        # ZeRO and bf16 optimizers hook every parameter's gradient accumulator; those hooks live in C++ and
+        # reference the optimizer and with it the process groups, so without destroy() the groups outlive teardown
+        # (training.setup.teardown). Evaluation below uses the model, not the engine. After a collective failure
+        # the engine is left alone (destroy() synchronises the device, which could wait on the dead peer): that
+        # process leaves without interpreter shutdown (see __main__).
         try:
             trainer.train()
-        finally:
-            # ZeRO and bf16 optimizers hook every parameter's gradient accumulator; those hooks live in C++ and
-            # reference the optimizer and with it the process groups, so without destroy() the groups outlive
-            # teardown (training.setup.teardown). Evaluation below uses the model, not the engine.
-            engine.destroy()
+        except BaseException as e:
+            if not is_collective_failure(e):
+                engine.destroy()
+            raise
+        engine.destroy()
         if best.best_step is not None and (args.do_eval or args.do_infer):
             restore_best(model, args.save, prompt_only)
     elif args.do_valid:
