@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, NoReturn, Optional, Sequence
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -274,3 +274,14 @@ def init_single_process_distributed() -> None:
     init_distributed(1)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def exit_after(main: Callable[[], int]) -> NoReturn:
+    """``sys.exit(main())`` with the process groups torn down in between: their threads are joined before the
+    interpreter exits, which otherwise could abort the benchmark process after its results (docs/reliability.md
+    section 7)."""
+    from training.setup import teardown
+
+    exit_code = main()
+    teardown()
+    sys.exit(exit_code)
