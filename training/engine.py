@@ -84,6 +84,12 @@ def build_ds_config(json_path: str | None, s: OptimSettings) -> dict:
                                  ("min_loss_scale", s.min_scale, "--min-scale")):
             if value is not None:
                 _set(cfg, ("fp16", key), value, flag)
+    zero = cfg.get("zero_optimization", {})
+    stage = int(zero) if isinstance(zero, bool) else zero.get("stage", 0) if isinstance(zero, dict) else zero
+    if stage not in (0, 1, 2):
+        raise ValueError(f"the DeepSpeed config {json_path} asks for ZeRO stage {stage}; the toolkit runs stages 0, 1 "
+                         "and 2 (stage 3 partitions the parameters themselves, and its checkpoints, evaluation and "
+                         "generation read each rank's parameters whole)")
     # Client optimizers under ZeRO need this DeepSpeed switch; AdamW is what the original's FusedAdam computed.
     cfg["zero_allow_untested_optimizer"] = True
     for key in ("optimizer", "scheduler"):

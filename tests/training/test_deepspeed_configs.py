@@ -29,6 +29,21 @@ def test_zero_stages_and_precisions_train():
             assert abs(a - b) < 1e-4, (stage, results)
 
 
+@pytest.mark.parametrize("zero", [{"stage": 3}, 3])
+def test_zero_stage_3_is_refused_with_the_reason(tmp_path, zero):
+    from training.engine import OptimSettings, build_ds_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": zero}))
+    s = OptimSettings(lr=1e-3, weight_decay=0.0, clip_grad=1.0, micro_batch_size=2, grad_acc_steps=1, dp_size=1,
+                      fp16=False, bf16=False, warmup_steps=0, decay_steps=10, decay_style="constant")
+    with pytest.raises(ValueError, match="ZeRO stage 3; the toolkit runs stages 0, 1 and 2"):
+        build_ds_config(str(path), s)
+    for accepted in ({"stage": 2}, True, False):  # old DeepSpeed configs wrote a bool (true = stage 1)
+        path.write_text(json.dumps({"zero_optimization": accepted}))
+        assert build_ds_config(str(path), s)["zero_optimization"] == accepted
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 training needs a GPU: DeepSpeed's CPU accelerator "
                                                           "refuses fp16 ('Type fp16 is not supported on your device')")
