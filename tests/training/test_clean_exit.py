@@ -14,11 +14,13 @@ from tests.training.helpers import ROOT, base_args, env_for, free_port, make_tas
 WORKER = Path(__file__).with_name("clean_exit_worker.py")
 LEAK_WARNING = "process-group threads still running"
 linux_only = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from Linux /proc")
+# MP 2 with DeepSpeed's plain path; DP 2 with ZeRO 2 and bf16, whose optimizer hooks every gradient accumulator
+RUNS = pytest.mark.parametrize("mp_size,zero_stage,precision", [(2, 0, "fp32"), (1, 2, "bf16")],
+                               ids=["mp2-zero0-fp32", "dp2-zero2-bf16"])
 
 
 @linux_only
-@pytest.mark.parametrize("mp_size,zero_stage,precision", [(2, 0, "fp32"), (1, 2, "bf16")],
-                         ids=["mp2-zero0-fp32", "dp2-zero2-bf16"])
+@RUNS
 def test_teardown_joins_every_process_group_thread(mp_size, zero_stage, precision):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(WORKER), str(mp_size), str(zero_stage), precision]
@@ -35,8 +37,7 @@ def test_teardown_joins_every_process_group_thread(mp_size, zero_stage, precisio
 
 
 @linux_only
-@pytest.mark.parametrize("mp_size,zero_stage,precision", [(2, 0, "fp32"), (1, 2, "bf16")],
-                         ids=["mp2-zero0-fp32", "dp2-zero2-bf16"])
+@RUNS
 def test_finetune_releases_every_process_group(tmp_path, mp_size, zero_stage, precision):
     """finetune_cpm2.py end to end (train with checkpoints, then test): teardown finds no group thread left, so
     it does not warn, and the run exits 0."""
