@@ -84,8 +84,7 @@ def build_ds_config(json_path: str | None, s: OptimSettings) -> dict:
                                  ("min_loss_scale", s.min_scale, "--min-scale")):
             if value is not None:
                 _set(cfg, ("fp16", key), value, flag)
-    zero = cfg.get("zero_optimization", {})
-    stage = int(zero) if isinstance(zero, bool) else zero.get("stage", 0) if isinstance(zero, dict) else zero
+    stage = _zero_stage(cfg)
     if stage not in (0, 1, 2):
         raise ValueError(f"the DeepSpeed config {json_path} asks for ZeRO stage {stage}; the toolkit runs stages 0, 1 "
                          "and 2 (stage 3 partitions the parameters themselves, and its checkpoints, evaluation and "
@@ -100,6 +99,13 @@ def build_ds_config(json_path: str | None, s: OptimSettings) -> dict:
     cfg["steps_per_print"] = 10 ** 9
     _set(cfg, ("wall_clock_breakdown",), False, "the toolkit logs throughput itself")
     return cfg
+
+
+def _zero_stage(cfg: dict):
+    zero = cfg.get("zero_optimization", {})
+    if isinstance(zero, dict):
+        return zero.get("stage", 0)
+    return int(zero) if isinstance(zero, bool) else zero  # old DeepSpeed configs wrote a bool: true = stage 1
 
 
 def build_optimizer(model: torch.nn.Module, s: OptimSettings, *, prompt_only: bool) -> torch.optim.Optimizer:
