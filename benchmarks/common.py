@@ -155,9 +155,9 @@ def matmul_peak(n: int = 2048, reps: int = 5, *, dtype: torch.dtype = torch.floa
                 sync: Callable[[], None] = _no_sync) -> Dict[str, float]:
     """Median FLOP/s of n x n x n GEMMs after one warm-up: the machine's attainable matmul peak.
 
-    On CPU fp32 both torch's default GEMM (`a @ b`, MKL) and oneDNN's linear (the kernel `mpu.fast_linear` uses)
-    are timed and the faster one is the peak: dividing by the slower library's peak would overstate MFU (it read
-    above 1.0 once our layers moved to oneDNN).
+    On CPU fp32 torch's default GEMM (`a @ b`, MKL), oneDNN's linear (the kernel `mpu.fast_linear` uses) and
+    oneDNN's matmul (`mpu.onednn_matmul`, when built) are timed and the fastest one is the peak: dividing by a
+    slower library's peak would overstate MFU (it read above 1.0 once our layers moved to oneDNN).
     """
     a = torch.randn(n, n, dtype=torch.float32, device=device).to(dtype)
     b = torch.randn(n, n, dtype=torch.float32, device=device).to(dtype)
@@ -181,6 +181,10 @@ def matmul_peak(n: int = 2048, reps: int = 5, *, dtype: torch.dtype = torch.floa
             medians["onednn_linear"] = timed(lambda: onednn(a, b, None, "none", [], ""))
         except RuntimeError:  # a torch build without oneDNN linear: the matmul peak stands
             pass
+        from mpu import onednn_matmul
+
+        if onednn_matmul.usable(a, b):  # the extension our training GEMMs use (mpu/onednn_matmul.py)
+            medians["onednn_matmul"] = timed(lambda: onednn_matmul.matmul(a, b))
     kernel, med = min(medians.items(), key=lambda kv: kv[1])
     return {"flops_per_s": 2 * n ** 3 / med, "n": n, "reps": reps, "median_s": med, "dtype": str(dtype),
             "kernel": kernel, "per_kernel_flops_per_s": {k: 2 * n ** 3 / v for k, v in medians.items()}}

@@ -57,6 +57,26 @@ class _Clock:
             return y
         return run
 
+    def timed_matmul(self, matmul):
+        """The same for ``mpu.onednn_matmul.matmul`` / ``addmatmul_`` (weight gradients, attention's batched
+        GEMMs): the last two arguments are the operands."""
+        def run(*args: torch.Tensor) -> torch.Tensor:
+            a, b = args[-2:]
+            start = time.perf_counter()
+            y = matmul(*args)
+            seconds = time.perf_counter() - start
+            self.gemm += seconds
+            if self.on:
+                batch = a.size(0) if a.dim() == 3 else 1
+                m, k, n = a.size(-2), a.size(-1), b.size(-1)
+                layout = "".join("T" if not t.is_contiguous() else "N" for t in (a, b))
+                key = (f"matmul {'batched ' + str(batch) + 'x ' if a.dim() == 3 else ''}M={m} K={k} N={n} "
+                       f"({layout})")
+                self.gemm_by_shape[key][0] += seconds
+                self.gemm_by_shape[key][1] += 2 * batch * m * k * n
+            return y
+        return run
+
     def wrap(self, owner, name: str, key: str) -> None:
         inner = getattr(owner, name)
 
@@ -87,7 +107,7 @@ class _Clock:
 def breakdown(shape: tuple[int, int, int], steps: int, tiny: bool) -> Dict[str, object]:
     from benchmarks.workloads import OursTrainStep, make_batch
     from model import EncDecModel
-    from mpu import fast_linear
+    from mpu import fast_linear, onednn_matmul
 
     common.init_single_process_distributed()
     cfg = common.tiny_config() if tiny else common.speed_config()
@@ -95,6 +115,8 @@ def breakdown(shape: tuple[int, int, int], steps: int, tiny: bool) -> Dict[str, 
     model = EncDecModel(cfg)
     clock = _Clock()
     fast_linear._onednn = clock.timed_gemm(fast_linear._onednn)
+    onednn_matmul.matmul = clock.timed_matmul(onednn_matmul.matmul)
+    onednn_matmul.addmatmul_ = clock.timed_matmul(onednn_matmul.addmatmul_)
     for module in model.modules():
         if type(module).__name__ in MODULE_KINDS:
             clock.hook_module(module, "forward of " + type(module).__name__)
@@ -148,9 +170,10 @@ def main(argv=None) -> int:
           f"step at {result['gemm_gflop_per_s']} GFLOP/s; model {result['train_gflop']} GFLOP per step")
     for key, span in result["spans_ms"].items():
         print(f"  {key:36s} {span['total']:8.2f} ms   GEMM {span['gemm']:8.2f}   other {span['other']:8.2f}")
-    print("  GEMMs by shape (x [M, K] @ W^T [K, N]):")
-    for key, gemm in list(result["gemm_by_shape"].items())[:16]:
-        print(f"    {key:50s} {gemm['ms']:8.2f} ms  {gemm['gflop_per_s']:7.1f} GFLOP/s")
+    print("  GEMMs by shape (linear: x [M, K] @ W^T [K, N]; matmul: [M, K] @ [K, N] with each operand contiguous (N) "
+          "or transposed (T)):")
+    for key, gemm in list(result["gemm_by_shape"].items())[:24]:
+        print(f"    {key:62s} {gemm['ms']:8.2f} ms  {gemm['gflop_per_s']:7.1f} GFLOP/s")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)

@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from mpu import onednn_matmul
+
 
 class _SplitHeads(torch.autograd.Function):
     @staticmethod
@@ -58,8 +60,10 @@ def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Op
     and backward are slower than these GEMMs at training shapes (gentask cross-attention, B 8, 8 heads, 32 x 128:
     2.3 ms vs 1.7 ms forward + backward; finetune, B 32, 4 x 64: 2.8 vs 1.6). Here the bias enters the first GEMM as
     ``baddbmm``'s input (no separate add pass) and the softmax is the plain one: the masks of this model are finite
-    (very negative), so no row is all -inf. It materialises the ``[B, H, Lq, Lk]`` scores, as SDPA's math path
-    does; evaluation and generation keep SDPA (and its flash kernel) or the decode-step kernels.
+    (very negative), so no row is all -inf. The two GEMMs and their gradients run through oneDNN
+    (``mpu.onednn_matmul``; MKL's ``bmm``, at half that rate, where the extension is not built). It materialises
+    the ``[B, H, Lq, Lk]`` scores, as SDPA's math path does; evaluation and generation keep SDPA (and its flash
+    kernel) or the decode-step kernels.
 
     ``q [B, H, Lq, dk]``, ``k``/``v`` ``[B, H, Lk, dk]``, ``bias`` broadcastable to ``[B, H, Lq, Lk]`` or None
     -> ``[B, H, Lq, dk]``.
@@ -67,7 +71,11 @@ def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Op
     b, heads, q_len, d_kv = q.shape
     k_len = k.size(2)
     q3, k3t = q.reshape(b * heads, q_len, d_kv), k.reshape(b * heads, k_len, d_kv).transpose(1, 2)
-    if bias is None:
+    v3 = v.reshape(b * heads, k_len, d_kv)
+    fast = onednn_matmul.usable(q3, k3t, v3, *(() if bias is None else (bias,)))
+    if fast:
+        scores = _OneDNNScores.apply(q3, k3t, bias, (b, heads, q_len, k_len))
+    elif bias is None:
         scores = torch.bmm(q3, k3t)
     else:
         scores = torch.baddbmm(bias.expand(b, heads, q_len, k_len).reshape(b * heads, q_len, k_len), q3, k3t)
@@ -76,4 +84,52 @@ def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Op
         torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
     if dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p)
-    return torch.bmm(probs, v.reshape(b * heads, k_len, d_kv)).view(b, heads, q_len, d_kv)
+    context = _OneDNNBmm.apply(probs, v3) if fast else torch.bmm(probs, v3)
+    return context.view(b, heads, q_len, d_kv)
+
+
+# The two batched GEMMs of biased_attention through oneDNN (mpu/onednn_matmul.py: MKL's bmm runs at half of
+# oneDNN's rate on this project's CPUs). Every operand and gradient below is contiguous or a transposed view of a
+# contiguous tensor, the layouts oneDNN reads in place.
+
+class _OneDNNBmm(torch.autograd.Function):
+    """``a [N, M, K] @ b [N, K, P]``."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return onednn_matmul.matmul(a, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_a = onednn_matmul.matmul(grad, b.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        grad_b = onednn_matmul.matmul(a.transpose(1, 2), grad) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b
+
+
+class _OneDNNScores(torch.autograd.Function):
+    """``bias + q3 @ k3t`` -> ``[B*H, Lq, Lk]``, ``bias`` (or None) broadcastable to ``shape = (B, H, Lq, Lk)``:
+    the bias is expanded into the output buffer and the GEMM accumulates onto it (no separate add pass)."""
+
+    @staticmethod
+    def forward(ctx, q3, k3t, bias, shape):
+        b, heads, q_len, k_len = shape
+        ctx.save_for_backward(q3, k3t)
+        ctx.shape, ctx.bias_shape = shape, None if bias is None else bias.shape
+        if bias is None:
+            return onednn_matmul.matmul(q3, k3t)
+        scores = torch.empty(b * heads, q_len, k_len, dtype=q3.dtype)
+        scores.view(b, heads, q_len, k_len).copy_(bias.expand(shape))
+        return onednn_matmul.addmatmul_(scores, q3, k3t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q3, k3t = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_q = onednn_matmul.matmul(grad, k3t.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        # d(k3) = grad^T q3, computed contiguous [N, Lk, dk] and handed back as the transposed view k3t is
+        grad_kt = onednn_matmul.matmul(grad.transpose(1, 2), q3).transpose(1, 2) if ctx.needs_input_grad[1] else None
+        grad_bias = grad.view(ctx.shape).sum_to_size(ctx.bias_shape) if ctx.needs_input_grad[2] else None
+        return grad_q, grad_kt, grad_bias, None

@@ -1,0 +1,79 @@
+"""The project's small C++ operator libraries (``*/csrc/*.cpp``), built on first use and loaded once per process.
+
+Each library is one source file of ATen code registering ``torch.ops.cpm2.*`` operators (no pybind11, so a
+build takes ~10 s). ``torch.utils.cpp_extension.load`` compiles it with g++ and ninja (pinned in
+requirements.txt) into ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) the first time a process
+asks; later processes only load it. Where a library cannot be built (no compiler, say), one warning gives the
+reason and what is used instead, and :meth:`CppLibrary.available` stays False: every caller keeps a Python path
+with the same results. ``CPM2_CPU_EXTENSION=0`` turns all of them off.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import shutil
+import threading
+from typing import Callable, Optional
+
+import torch
+
+logger = logging.getLogger("cpm2")
+
+
+def _ensure_ninja_on_path() -> None:
+    """torch's builder runs ``ninja`` from PATH; the pinned ``ninja`` wheel puts it next to the venv's python,
+    which is not on PATH when the venv's python is run without activating it (scripts/test.sh, .ci/run)."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja  # the PyPI wheel
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+
+
+class CppLibrary:
+    """One operator library: ``source`` built as ``name``; ``fallback`` says (in the warning) what runs without
+    it; ``register_fakes`` registers shapes for ``torch.compile`` once it is loaded."""
+
+    def __init__(self, name: str, source: pathlib.Path, fallback: str,
+                 register_fakes: Callable[[], None] = lambda: None) -> None:
+        self.name, self.source, self.fallback, self.register_fakes = name, source, fallback, register_fakes
+        self._loaded: Optional[bool] = None  # None: not tried yet
+        self._failure: Optional[str] = None
+        self._lock = threading.Lock()
+
+    def _build(self) -> None:
+        from torch.utils import cpp_extension
+
+        _ensure_ninja_on_path()
+        cpp_extension.load(name=self.name, sources=[str(self.source)], extra_cflags=["-O2"], is_python_module=False,
+                           verbose=False)
+        self.register_fakes()
+
+    def available(self) -> bool:
+        """Build (first call) or load the library; False, with one warning saying why, where that failed."""
+        if self._loaded is not None:
+            return self._loaded
+        with self._lock:
+            if self._loaded is not None:
+                return self._loaded
+            if os.environ.get("CPM2_CPU_EXTENSION", "1") == "0":
+                self._failure, self._loaded = "turned off by CPM2_CPU_EXTENSION=0", False
+            elif not torch.backends.mkldnn.is_available():
+                self._failure, self._loaded = "this torch build has no oneDNN (mkldnn)", False
+            else:
+                try:
+                    self._build()
+                    self._loaded = True
+                except Exception as exc:  # a missing compiler or ninja, a failed compile or load: say so, go on
+                    self._failure, self._loaded = f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}", False
+                    logger.warning("C++ library %s (%s) not built: %s. %s; results are the same. It needs g++ and "
+                                   "ninja (requirements.txt).", self.name, self.source, self._failure, self.fallback)
+        return self._loaded
+
+    def failure(self) -> Optional[str]:
+        """Why the library is not in use (None when it is, or before the first :meth:`available` call)."""
+        return self._failure
