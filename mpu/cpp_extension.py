@@ -35,12 +35,14 @@ def _ensure_ninja_on_path() -> None:
 
 
 class CppLibrary:
-    """One operator library: ``source`` built as ``name``; ``fallback`` says (in the warning) what runs without
-    it; ``register_fakes`` registers shapes for ``torch.compile`` once it is loaded."""
+    """One operator library: ``source`` built as ``name`` with ``cflags``; ``fallback`` says (in the warning) what
+    runs without it; ``register_fakes`` registers shapes for ``torch.compile`` once it is loaded."""
 
     def __init__(self, name: str, source: pathlib.Path, fallback: str,
-                 register_fakes: Callable[[], None] = lambda: None) -> None:
+                 register_fakes: Callable[[], None] = lambda: None, cflags: tuple[str, ...] = ("-O2",),
+                 ldflags: tuple[str, ...] = ()) -> None:
         self.name, self.source, self.fallback, self.register_fakes = name, source, fallback, register_fakes
+        self.cflags, self.ldflags = list(cflags), list(ldflags)
         self._loaded: Optional[bool] = None  # None: not tried yet
         self._failure: Optional[str] = None
         self._lock = threading.Lock()
@@ -49,8 +51,8 @@ class CppLibrary:
         from torch.utils import cpp_extension
 
         _ensure_ninja_on_path()
-        cpp_extension.load(name=self.name, sources=[str(self.source)], extra_cflags=["-O2"], is_python_module=False,
-                           verbose=False)
+        cpp_extension.load(name=self.name, sources=[str(self.source)], extra_cflags=self.cflags,
+                           extra_ldflags=self.ldflags, is_python_module=False, verbose=False)
         self.register_fakes()
 
     def available(self) -> bool:
