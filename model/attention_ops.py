@@ -72,7 +72,8 @@ def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Op
     k_len = k.size(2)
     q3, k3t = q.reshape(b * heads, q_len, d_kv), k.reshape(b * heads, k_len, d_kv).transpose(1, 2)
     v3 = v.reshape(b * heads, k_len, d_kv)
-    fast = onednn_matmul.usable(q3, k3t, v3, *(() if bias is None else (bias,)))
+    # torch.compile (--compile) traces ATen's bmm instead: it cannot functionalise the in-place addmatmul_
+    fast = not torch.compiler.is_compiling() and onednn_matmul.usable(q3, k3t, v3, *(() if bias is None else (bias,)))
     if fast:
         scores = _OneDNNScores.apply(q3, k3t, bias, (b, heads, q_len, k_len))
     elif bias is None:

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from . import fused_ops
 from .initialize import group_rank, group_world_size, resolve_group
 from .utils import vocab_range
 
@@ -83,4 +84,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree: "
                          "expected logits [B, L, V/p] and labels [B, L]")
-    return _VocabParallelCrossEntropy.apply(logits, labels, resolve_group(group))
+    group = resolve_group(group)
+    if group_world_size(group) == 1 and fused_ops.usable(logits):
+        return fused_ops.cross_entropy(logits, labels)  # one kernel per pass over the logits (mpu/fused_ops.py)
+    return _VocabParallelCrossEntropy.apply(logits, labels, group)
