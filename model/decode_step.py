@@ -11,7 +11,8 @@ growable cache buffers (model/fast_inference.py). Equality with the module path 
 (tests/model/test_decode_step.py), tokens and logits, greedy and beam, MP 1 and 2.
 
 At model-parallel size 1 with packed fp32 weights, the layers run in C++ instead (model/csrc/decode_step.cpp,
-built on first use; ``LIBRARY``): the same maths with fused kernels, ~1.3 ms less per step of the benchmark model;
+built on first use; ``LIBRARY``): the same maths with fused kernels and, for at most 16 rows, its own GEMM on
+16-column weight panels: ~2 ms less per step of the benchmark model (5 -> 3 ms);
 the Python loop below stays for model parallelism, bf16, and machines where the library cannot be built.
 
 Used by ``CachedDecoder.step`` when :func:`supports` says so: an ``EncDecModel`` in eval mode, fp32 or bf16
@@ -64,12 +65,13 @@ class StepPlan:
     linear layers bound to their packed copies (``fast_linear.bind``), so a step does no module attribute lookups
     and no packed-weight cache lookups. Valid while the weights do not change (one ``generate`` call)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, rows: Optional[int] = None) -> None:
         decoder = model.decoder
         self.position_attention = decoder.blocks[0].self_attn.self_attn
         self.final_norm = decoder.final_layernorm
         self.layers = [_LayerPlan(block) for block in decoder.blocks]
-        self.cpp = _cpp_plan(decoder.blocks)
+        self.rows = rows  # rows per step (examples x beams); None: unknown, oneDNN's packed weights
+        self.cpp = _cpp_plan(decoder.blocks, rows)
 
 
 class _LayerPlan:
@@ -83,12 +85,25 @@ class _LayerPlan:
         self.wi, self.wo = fast_linear.bind_pair(ff.wi_0.weight, ff.wi_1.weight), fast_linear.bind(ff.wo.weight)
 
 
-def _cpp_plan(blocks) -> Optional[tuple[list[torch.Tensor], list[float], int, int]]:
+PANEL_ROWS = 16  # up to this many rows per step the linear layers use the C++ panel GEMM (16-column panels)
+
+
+def _linear_form(weights: tuple[torch.Tensor, ...], rows: Optional[int]) -> torch.Tensor:
+    """One linear layer's weight (or the concatenation of a pair) as the C++ step takes it: 16-column panels
+    ``[N/16, K, 16]`` when a step has at most PANEL_ROWS rows (oneDNN's kernel streams weights at about half the
+    read bandwidth for so few rows; model/csrc/decode_step.cpp), else oneDNN's packed layout."""
+    if rows is not None and rows <= PANEL_ROWS and sum(w.size(0) for w in weights) % 16 == 0:
+        return fast_linear.cached_form("panels", weights, lambda *ws: torch.ops.cpm2.pack_panels(
+            torch.cat(ws) if len(ws) > 1 else ws[0]))
+    return fast_linear.packed_weight(weights[0]) if len(weights) == 1 else fast_linear.packed_pair(*weights)
+
+
+def _cpp_plan(blocks, rows: Optional[int]) -> Optional[tuple[list[torch.Tensor], list[float], int, int]]:
     """The inputs of ``torch.ops.cpm2.decode_layers`` that stay fixed through one ``generate`` call (weights, the
-    linear ones packed, in model/csrc/decode_step.cpp's order; norm epsilons; heads; d_kv), or None where that
-    path does not apply: model parallelism (its all-reduces are Python calls), weights that are not packed fp32
-    (bf16, outside a packed_weights block), or the library not built."""
-    if mpu.get_model_parallel_world_size() != 1:
+    linear ones packed for ``rows`` rows per step, in model/csrc/decode_step.cpp's order; norm epsilons; heads;
+    d_kv), or None where that path does not apply: model parallelism (its all-reduces are Python calls), weights
+    that are not packed fp32 (bf16, outside a packed_weights block), or the library not built."""
+    if mpu.get_model_parallel_world_size() != 1 or not LIBRARY.available():
         return None
     weights, eps, shapes = [], [], set()
     for block in blocks:
@@ -99,12 +114,12 @@ def _cpp_plan(blocks) -> Optional[tuple[list[torch.Tensor], list[float], int, in
         if not fast_linear._packable(*linears) or ff.wi_0.weight.shape != ff.wi_1.weight.shape \
                 or any(norm.weight.dtype != torch.float32 or norm.weight.device.type != "cpu" for norm in norms):
             return None
-        qkv, self_out, q, cross_out, _, _, wo = (fast_linear.packed_weight(w) for w in linears)
-        wi = fast_linear.packed_pair(ff.wi_0.weight, ff.wi_1.weight)
+        qkv, self_out, q, cross_out, _, _, wo = (_linear_form((w,), rows) for w in linears)
+        wi = _linear_form((ff.wi_0.weight, ff.wi_1.weight), rows)
         weights += [norms[0].weight, qkv, self_out, norms[1].weight, q, cross_out, norms[2].weight, wi, wo]
         eps += [float(norm.eps) for norm in norms]
         shapes.add((attn.heads, attn.d_kv, cross.heads, cross.d_kv))
-    if len(shapes) != 1 or not LIBRARY.available():
+    if len(shapes) != 1:
         return None
     heads, d_kv, cross_heads, cross_d_kv = shapes.pop()
     return (weights, eps, heads, d_kv) if (heads, d_kv) == (cross_heads, cross_d_kv) else None
@@ -118,7 +133,8 @@ def decode_step(model: torch.nn.Module, tokens: torch.Tensor, past: list[Growabl
     ``past`` is consumed (its buffers receive the new K/V), as with the module path's growable cache. ``plan``:
     a :class:`StepPlan` of ``model`` made in the same ``generate`` call (built here when None).
     """
-    plan = plan or StepPlan(model)
+    if plan is None or (plan.rows is not None and plan.rows != tokens.numel()):
+        plan = StepPlan(model, tokens.numel())
     offset = past[0]["self_k"].size(2)
     h = model.word_embeds(tokens[:, None])  # [N, 1, d]
     self_bias = plan.position_attention.position_bias(1, offset + 1, offset, h.device).to(h.dtype)  # [1,Hp,1,L+1]

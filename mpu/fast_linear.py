@@ -102,6 +102,20 @@ def packed_pair(weight_a: torch.Tensor, weight_b: torch.Tensor) -> torch.Tensor:
     return entry[3]
 
 
+def cached_form(kind: str, weights: tuple[torch.Tensor, ...], build: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """``build(*weights)`` (detached), made once per :func:`packed_weights` block and rebuilt when any of the weights
+    changed since (version or storage), as :func:`packed_weight` does for oneDNN's layout; ``kind`` names the form
+    (model/decode_step.py keeps its 16-column panels here)."""
+    key = (kind, *(id(w) for w in weights))
+    stamp = tuple((w._version, w.data_ptr()) for w in weights)
+    entry = _PACKED.get(key)
+    if entry is not None and entry[1] == stamp and all(ref() is w for ref, w in zip(entry[0], weights)):
+        return entry[2]
+    form = build(*(w.detach() for w in weights))
+    _PACKED[key] = (tuple(weakref.ref(w) for w in weights), stamp, form)
+    return form
+
+
 def _packable(*weights: torch.Tensor) -> bool:
     """Inference inside a :func:`packed_weights` block, with 2-D fp32 CPU weights oneDNN can pack."""
     return bool(_PACK_DEPTH) and _ENABLED and torch.is_inference_mode_enabled() and all(

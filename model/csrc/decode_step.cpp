@@ -3,10 +3,11 @@
 // Why: a decode step streams all decoder weights from memory through ~36 oneDNN GEMMs of M = rows (8 in the
 // benchmark); around them, model/decode_step.py's `_layer_step` issues ~290 small ATen calls from Python (norms,
 // views, cache writes, two bmm + softmax per attention, residual adds), ~1.5 ms of a ~5 ms step. Here the same
-// layer maths runs from C++ with three fused kernels: residual add + RMSNorm in one pass, gated GeLU in one pass,
-// and single-query attention as one pass per (row, head) instead of two MKL bmm calls over 64 one-row GEMMs, the
-// bias add and the softmax. The GEMMs are the same oneDNN calls on the same packed weights. Results equal the
-// Python path up to fp32 summation order (tests/model/test_decode_step.py: logits within 1e-5, same tokens).
+// layer maths runs from C++ with fused kernels: residual add + RMSNorm in one pass, gated GeLU in one pass,
+// single-query attention as one pass per (row, head) instead of two MKL bmm calls over 64 one-row GEMMs, the
+// bias add and the softmax; and for at most 16 rows the GEMMs themselves (weights in 16-column panels, streamed
+// once; oneDNN's packed kernel for more rows). Results equal the Python path up to fp32 summation order
+// (tests/model/test_decode_step*.py: logits within 1e-5, same tokens).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -40,6 +41,18 @@ using at::Tensor;
 // Per layer, in this order (model/decode_step.py, StepPlan.cpp_weights).
 constexpr int64_t kSelfNorm = 0, kQKV = 1, kSelfOut = 2, kCrossNorm = 3, kCrossQ = 4, kCrossOut = 5, kFFNorm = 6,
                   kWi = 7, kWo = 8, kPerLayer = 9;
+
+Tensor panel_linear(const Tensor& x_in, const Tensor& wb, int64_t n);
+Tensor onednn_linear(const Tensor& x, const Tensor& weight);
+
+// x @ W^T with W in the form model/decode_step.py's plan chose: 16-column panels [N/16, K, 16] (few rows) or a
+// oneDNN weight (dense or packed).
+Tensor step_linear(const Tensor& x, const Tensor& weight) {
+  if (weight.dim() == 3 && !weight.is_mkldnn()) {
+    return panel_linear(x, weight, weight.size(0) * weight.size(2));
+  }
+  return onednn_linear(x, weight);
+}
 
 Tensor onednn_linear(const Tensor& x, const Tensor& weight) {
   return at::native::mkldnn_linear_pointwise(x, weight, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(),
@@ -206,6 +219,128 @@ Tensor single_query_attention(Tensor q, Tensor k, Tensor v, const Tensor& bias) 
   return out;
 }
 
+// ---- GEMMs of a few rows (decode steps) ------------------------------------------------------------------------
+// y [R, N] = x [R, K] @ W^T with W stored as 16-column panels, wb [ceil(N/16), K, 16] (panel p, row k holds
+// W[16p .. 16p+15, k], zero past N): one pass over the weights, each 16-float load feeding R multiply-adds into
+// R x 16 accumulators held in registers, no horizontal sums. oneDNN's kernel for R = 8 streams a packed weight at
+// about half the machine's read bandwidth (benchmarks/RESULTS.md, fifth session); a decode step is little else.
+
+constexpr int64_t kPanel = 16;
+
+typedef float Vec16 __attribute__((vector_size(64)));  // one AVX-512 register (two or four on older x86)
+
+template <int R>
+inline __attribute__((always_inline)) void panel_gemm(const float* x, int64_t k_dim, const float* panel,
+                                                      float* out, int64_t out_stride, int64_t cols) {
+  Vec16 acc[R];
+  for (int r = 0; r < R; ++r) {
+    acc[r] = Vec16{};
+  }
+  for (int64_t k = 0; k < k_dim; ++k) {
+    Vec16 w;
+    std::memcpy(&w, panel + k * kPanel, sizeof(w));
+    for (int r = 0; r < R; ++r) {
+      acc[r] += x[r * k_dim + k] * w;  // the scalar is broadcast
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float lanes[kPanel];
+    std::memcpy(lanes, &acc[r], sizeof(lanes));
+    for (int64_t j = 0; j < cols; ++j) {
+      out[r * out_stride + j] = lanes[j];
+    }
+  }
+}
+
+// Two adjacent panels at once for 8 rows: 16 independent accumulators keep both FMA pipes busy (8 chains of
+// 4-cycle FMAs only just do).
+inline __attribute__((always_inline)) void panel_pair_gemm_8(const float* x, int64_t k_dim, const float* panel0,
+                                                             const float* panel1, float* out, int64_t out_stride) {
+  Vec16 acc0[8], acc1[8];
+  for (int r = 0; r < 8; ++r) {
+    acc0[r] = Vec16{};
+    acc1[r] = Vec16{};
+  }
+  for (int64_t k = 0; k < k_dim; ++k) {
+    Vec16 w0, w1;
+    std::memcpy(&w0, panel0 + k * kPanel, sizeof(w0));
+    std::memcpy(&w1, panel1 + k * kPanel, sizeof(w1));
+    for (int r = 0; r < 8; ++r) {
+      const float xv = x[r * k_dim + k];
+      acc0[r] += xv * w0;
+      acc1[r] += xv * w1;
+    }
+  }
+  for (int r = 0; r < 8; ++r) {
+    std::memcpy(out + r * out_stride, &acc0[r], sizeof(Vec16));
+    std::memcpy(out + r * out_stride + kPanel, &acc1[r], sizeof(Vec16));
+  }
+}
+
+// Panels [begin, end) for R = 8 or 16 rows (x padded with zero rows by the caller).
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+void panels_8(const float* x, int64_t k_dim, const float* wb, int64_t n, float* out, int64_t begin, int64_t end) {
+  int64_t p = begin;
+  for (; p + 2 <= end && (p + 2) * kPanel <= n; p += 2) {
+    panel_pair_gemm_8(x, k_dim, wb + p * k_dim * kPanel, wb + (p + 1) * k_dim * kPanel, out + p * kPanel, n);
+  }
+  for (; p < end; ++p) {
+    panel_gemm<8>(x, k_dim, wb + p * k_dim * kPanel, out + p * kPanel, n, std::min(kPanel, n - p * kPanel));
+  }
+}
+
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+void panels_16(const float* x, int64_t k_dim, const float* wb, int64_t n, float* out, int64_t begin, int64_t end) {
+  for (int64_t p = begin; p < end; ++p) {
+    panel_gemm<16>(x, k_dim, wb + p * k_dim * kPanel, out + p * kPanel, n, std::min(kPanel, n - p * kPanel));
+  }
+}
+
+constexpr int64_t kMaxPanelRows = 16;
+
+// W [N, K] -> panels [ceil(N/16), K, 16] (zero-padded).
+Tensor pack_panels(const Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.device().is_cpu(),
+              "pack_panels: a 2-D float32 CPU weight, got ", weight.sizes(), " ", weight.scalar_type());
+  const int64_t n = weight.size(0), k = weight.size(1), panels = (n + kPanel - 1) / kPanel;
+  Tensor padded = weight;
+  if (panels * kPanel != n) {
+    padded = at::zeros({panels * kPanel, k}, weight.options());
+    padded.narrow(0, 0, n).copy_(weight);
+  }
+  return padded.view({panels, kPanel, k}).transpose(1, 2).contiguous();
+}
+
+// x [*, K] (at most 16 rows) @ W^T from its panels -> [*, n].
+Tensor panel_linear(const Tensor& x_in, const Tensor& wb, int64_t n) {
+  const int64_t k_dim = x_in.size(-1), rows = x_in.numel() / std::max<int64_t>(k_dim, 1);
+  TORCH_CHECK(wb.dim() == 3 && wb.size(1) == k_dim && wb.size(2) == kPanel && wb.size(0) * kPanel >= n,
+              "panel_linear: panels ", wb.sizes(), " for input ", x_in.sizes(), " and ", n, " outputs");
+  TORCH_CHECK(rows <= kMaxPanelRows, "panel_linear: at most ", kMaxPanelRows, " rows, got ", rows);
+  const int64_t padded_rows = rows <= 8 ? 8 : 16;
+  Tensor x = x_in.reshape({rows, k_dim});
+  if (padded_rows != rows || !x.is_contiguous()) {
+    Tensor buffer = at::zeros({padded_rows, k_dim}, x.options());
+    buffer.narrow(0, 0, rows).copy_(x);
+    x = buffer;
+  }
+  Tensor out = at::empty({padded_rows, n}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = wb.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t panels = (n + kPanel - 1) / kPanel;
+  at::parallel_for(0, panels, 4, [&](int64_t begin, int64_t end) {
+    if (padded_rows == 8) {
+      panels_8(xp, k_dim, wp, n, op, begin, end);
+    } else {
+      panels_16(xp, k_dim, wp, n, op, begin, end);
+    }
+  });
+  std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
+  shape.back() = n;
+  return (padded_rows == rows ? out : out.narrow(0, 0, rows)).view(shape);
+}
+
 // One row of T5's RMSNorm after the residual add: sum = h + y (y may be null: no add), out = w * sum /
 // sqrt(mean(sum^2) + eps). Statistics in fp32 as in model/transformer.py rms_norm.
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -303,21 +438,21 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> decode_layers(
     // self-attention (pre-norm, residual); the new K/V go into the cache buffers
     auto [h_self, x_self] = add_rms_norm(h, y, w[kSelfNorm], e[0]);
     h = h_self;
-    Tensor qkv = onednn_linear(x_self, w[kQKV]).view({n, 3, heads, d_kv});
+    Tensor qkv = step_linear(x_self, w[kQKV]).view({n, 3, heads, d_kv});
     Tensor k = append_kv(self_k[i], qkv.select(1, 1));
     Tensor v = append_kv(self_v[i], qkv.select(1, 2));
-    y = onednn_linear(single_query_attention(qkv.select(1, 0), k, v, self_bias), w[kSelfOut]);
+    y = step_linear(single_query_attention(qkv.select(1, 0), k, v, self_bias), w[kSelfOut]);
     new_k.push_back(std::move(k));
     new_v.push_back(std::move(v));
     // cross-attention on the cached encoder K/V (shared by the beams of an example when it has fewer rows)
     auto [h_cross, x_cross] = add_rms_norm(h, y, w[kCrossNorm], e[1]);
     h = h_cross;
-    Tensor q = onednn_linear(x_cross, w[kCrossQ]).view({n, heads, d_kv});
-    y = onednn_linear(single_query_attention(q, cross_k[i], cross_v[i], cross_bias), w[kCrossOut]);
+    Tensor q = step_linear(x_cross, w[kCrossQ]).view({n, heads, d_kv});
+    y = step_linear(single_query_attention(q, cross_k[i], cross_v[i], cross_bias), w[kCrossOut]);
     // gated-GeLU feed-forward: wi_0 and wi_1 as one GEMM on their concatenated weights
     auto [h_ff, x_ff] = add_rms_norm(h, y, w[kFFNorm], e[2]);
     h = h_ff;
-    y = onednn_linear(gated_gelu(onednn_linear(x_ff, w[kWi])), w[kWo]);
+    y = step_linear(gated_gelu(step_linear(x_ff, w[kWi])), w[kWo]);
   }
   if (y.defined()) {
     h = h + y;
@@ -335,6 +470,8 @@ TORCH_LIBRARY_FRAGMENT(cpm2, m) {
       "Tensor[] self_v, Tensor[] cross_k, Tensor[] cross_v, Tensor self_bias, Tensor? cross_bias) "
       "-> (Tensor, Tensor[], Tensor[])",
       &decode_layers);
+  m.def("pack_panels(Tensor weight) -> Tensor", &pack_panels);
+  m.def("panel_linear(Tensor x, Tensor panels, int n) -> Tensor", &panel_linear);
   m.def("single_query_attention(Tensor q, Tensor k, Tensor v, Tensor? bias) -> Tensor",
         [](const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& bias) {
           TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,

@@ -101,7 +101,7 @@ class CachedDecoder:
             self._cross_bias = decode_step.cross_bias_for_steps(
                 self.cross_attention_mask, cross_k.size(2), cross_k.dtype, cross_k.device)
         if self._plan is None:
-            self._plan = decode_step.StepPlan(self.model)
+            self._plan = decode_step.StepPlan(self.model, tokens.numel())
         hidden, self.past = decode_step.decode_step(self.model, tokens, self.past, self._cross_bias, self._plan)
         self.num_calls += 1
         return full_vocab_logits(self.model, self.model.logits(hidden)[:, -1, :])

@@ -136,3 +136,38 @@ def test_without_the_library_generate_runs_the_python_step_after_one_warning(mon
     assert torch.equal(first, second) and first.shape == (3, 6)
     monkeypatch.setattr(decode_step, "supports", lambda *a, **k: False)
     assert torch.equal(first, generate(model, enc, mask, cfg))  # the module path agrees
+
+
+@needs_library
+@pytest.mark.parametrize("rows", [1, 5, 8, 9, 16])
+@pytest.mark.parametrize("n,k", [(48, 40), (37, 33)], ids=["n-multiple-of-16", "n-and-k-odd"])
+def test_panel_gemm_equals_f_linear(rows, n, k):
+    gen = torch.Generator().manual_seed(rows * 100 + n)
+    weight, x = torch.randn(n, k, generator=gen), torch.randn(rows, 1, k, generator=gen)
+    panels = torch.ops.cpm2.pack_panels(weight)
+    assert panels.shape == ((n + 15) // 16, k, 16)
+    out = torch.ops.cpm2.panel_linear(x, panels, n)
+    assert out.shape == (rows, 1, n)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, weight), rtol=1e-5, atol=1e-5)
+    strided = torch.randn(k, rows, generator=gen).t()  # a non-contiguous input
+    torch.testing.assert_close(torch.ops.cpm2.panel_linear(strided, panels, n),
+                               torch.nn.functional.linear(strided, weight), rtol=1e-5, atol=1e-5)
+
+
+@needs_library
+def test_panel_gemm_refuses_more_rows_than_it_holds():
+    panels = torch.ops.cpm2.pack_panels(torch.randn(32, 8))
+    with pytest.raises(RuntimeError, match="at most 16 rows"):
+        torch.ops.cpm2.panel_linear(torch.randn(17, 8), panels, 32)
+
+
+@needs_library
+@pytest.mark.parametrize("rows,panels", [(3, True), (16, True), (17, False)])
+def test_plan_takes_panels_for_few_rows_and_onednn_otherwise(rows, panels):
+    model, _, _ = _model()
+    with torch.inference_mode(), fast_linear.packed_weights():
+        plan = decode_step.StepPlan(model, rows)
+        linears = [w for i, w in enumerate(plan.cpp[0]) if i % 9 not in (0, 3, 6)]  # skip the norm weights
+        assert all((w.dim() == 3 and not w.is_mkldnn) == panels for w in linears)
+        again = decode_step.StepPlan(model, rows)  # the forms are made once per packed_weights block
+        assert all(a is b for a, b in zip(plan.cpp[0], again.cpp[0]))
