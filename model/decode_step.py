@@ -103,9 +103,9 @@ def _cpp_plan(blocks, rows: Optional[int]) -> Optional[tuple[list[torch.Tensor],
     linear ones packed for ``rows`` rows per step, in model/csrc/decode_step.cpp's order; norm epsilons; heads;
     d_kv), or None where that path does not apply: model parallelism (its all-reduces are Python calls), weights
     that are not packed fp32 (bf16, outside a packed_weights block), or the library not built."""
-    if mpu.get_model_parallel_world_size() != 1 or not LIBRARY.available():
+    if mpu.get_model_parallel_world_size() != 1:
         return None
-    weights, eps, shapes = [], [], set()
+    layers, shapes = [], set()
     for block in blocks:
         attn, cross, ff = block.self_attn.self_attn, block.cross_attn.cross_attn, block.ff.dense_relu_dense
         norms = [sub.layer_norm for sub in (block.self_attn, block.cross_attn, block.ff)]
@@ -114,13 +114,17 @@ def _cpp_plan(blocks, rows: Optional[int]) -> Optional[tuple[list[torch.Tensor],
         if not fast_linear._packable(*linears) or ff.wi_0.weight.shape != ff.wi_1.weight.shape \
                 or any(norm.weight.dtype != torch.float32 or norm.weight.device.type != "cpu" for norm in norms):
             return None
-        qkv, self_out, q, cross_out, _, _, wo = (_linear_form((w,), rows) for w in linears)
-        wi = _linear_form((ff.wi_0.weight, ff.wi_1.weight), rows)
-        weights += [norms[0].weight, qkv, self_out, norms[1].weight, q, cross_out, norms[2].weight, wi, wo]
-        eps += [float(norm.eps) for norm in norms]
+        layers.append((norms, linears))
         shapes.add((attn.heads, attn.d_kv, cross.heads, cross.d_kv))
-    if len(shapes) != 1:
+    if len(shapes) != 1 or not LIBRARY.available():  # checked last: only CPU fp32 models build the library
         return None
+    weights, eps = [], []
+    for norms, linears in layers:
+        qkv, self_out, q, cross_out, wi_0, wi_1, wo = linears
+        weights += [norms[0].weight, _linear_form((qkv,), rows), _linear_form((self_out,), rows), norms[1].weight,
+                    _linear_form((q,), rows), _linear_form((cross_out,), rows), norms[2].weight,
+                    _linear_form((wi_0, wi_1), rows), _linear_form((wo,), rows)]
+        eps += [float(norm.eps) for norm in norms]
     heads, d_kv, cross_heads, cross_d_kv = shapes.pop()
     return (weights, eps, heads, d_kv) if (heads, d_kv) == (cross_heads, cross_d_kv) else None
 

@@ -14,6 +14,7 @@ import os
 import pathlib
 import shutil
 import threading
+import time
 from typing import Callable, Optional
 
 import torch
@@ -34,6 +35,23 @@ def _ensure_ninja_on_path() -> None:
         pass
 
 
+STALE_LOCK_SECONDS = 600.0
+INCLUDE_DIR = pathlib.Path(__file__).resolve().parent / "csrc"  # cpm2_vector_math.h, shared by the libraries
+
+
+def _remove_stale_lock(lock: pathlib.Path) -> None:
+    """torch's builder makes the first process build while the others wait for its lock file to go. A process
+    killed mid-build (SIGKILL, OOM) leaves the file, and every later process would wait forever; a build takes
+    ~10 s, so a lock older than STALE_LOCK_SECONDS is a leftover and is removed (with a warning)."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        logger.warning("removing %s, left %.0f s ago by a build that did not finish", lock, age)
+        lock.unlink(missing_ok=True)
+
+
 class CppLibrary:
     """One operator library: ``source`` built as ``name`` with ``cflags``; ``fallback`` says (in the warning) what
     runs without it; ``register_fakes`` registers shapes for ``torch.compile`` once it is loaded."""
@@ -46,13 +64,16 @@ class CppLibrary:
         self._loaded: Optional[bool] = None  # None: not tried yet
         self._failure: Optional[str] = None
         self._lock = threading.Lock()
+        self.enabled = True
 
     def _build(self) -> None:
         from torch.utils import cpp_extension
 
         _ensure_ninja_on_path()
+        _remove_stale_lock(pathlib.Path(cpp_extension._get_build_directory(self.name, verbose=False)) / "lock")
         cpp_extension.load(name=self.name, sources=[str(self.source)], extra_cflags=self.cflags,
-                           extra_ldflags=self.ldflags, is_python_module=False, verbose=False)
+                           extra_ldflags=self.ldflags, extra_include_paths=[str(INCLUDE_DIR)],
+                           is_python_module=False, verbose=False)
         self.register_fakes()
 
     def available(self) -> bool:
@@ -79,3 +100,14 @@ class CppLibrary:
     def failure(self) -> Optional[str]:
         """Why the library is not in use (None when it is, or before the first :meth:`available` call)."""
         return self._failure
+
+    def set_enabled(self, enabled: bool) -> bool:
+        """Let callers use the library or not (tests compare both paths); returns the previous setting."""
+        previous, self.enabled = self.enabled, bool(enabled)
+        return previous
+
+    def usable(self, *tensors: torch.Tensor) -> bool:
+        """The library applies to these tensors: all fp32 on the CPU, it is enabled and built (the build is
+        attempted only for such tensors)."""
+        return self.enabled and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) \
+            and self.available()

@@ -22,20 +22,14 @@ LIBRARY = CppLibrary(
     fallback="Gated GeLU, RMSNorm and the loss run as ATen ops (several passes each)",
     cflags=("-O3", "-fopenmp"), ldflags=("-fopenmp",))
 
-_enabled = True
-
-
 def set_enabled(enabled: bool) -> bool:
     """Let callers use the fused kernels or not (tests compare both); returns the previous setting."""
-    global _enabled
-    previous, _enabled = _enabled, bool(enabled)
-    return previous
+    return LIBRARY.set_enabled(enabled)
 
 
 def usable(*tensors: torch.Tensor) -> bool:
     """The fused kernels apply: fp32 CPU tensors, not being traced by torch.compile, the library built."""
-    return (_enabled and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
-            and not torch.compiler.is_compiling() and LIBRARY.available())
+    return not torch.compiler.is_compiling() and LIBRARY.usable(*tensors)
 
 
 class _GatedGelu(torch.autograd.Function):

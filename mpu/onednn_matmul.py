@@ -47,19 +47,14 @@ def failure() -> Optional[str]:
     return LIBRARY.failure()
 
 
-_enabled = True
-
-
 def set_enabled(enabled: bool) -> bool:
     """Let callers use the extension or not (tests compare both paths); returns the previous setting."""
-    global _enabled
-    previous, _enabled = _enabled, bool(enabled)
-    return previous
+    return LIBRARY.set_enabled(enabled)
 
 
 def usable(*tensors: torch.Tensor) -> bool:
     """The extension applies to these operands: fp32 CPU tensors, it is enabled and built."""
-    return _enabled and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and available()
+    return LIBRARY.usable(*tensors)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

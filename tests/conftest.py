@@ -49,3 +49,18 @@ try:  # property tests: the same examples on every run, so CI never turns red on
     _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "cpm2"))
 except ImportError:  # hypothesis is a test requirement; tests that use it fail loudly on their own import
     pass
+
+
+@pytest.fixture
+def failing_build(monkeypatch):
+    """``fail(library, message)``: make an ``mpu.cpp_extension.CppLibrary`` behave as on a machine where it cannot
+    be built (its next ``available()`` tries again, and the build raises ``message``)."""
+    def fail(library, message: str) -> None:
+        monkeypatch.setattr(library, "_loaded", None)
+        monkeypatch.setattr(library, "_failure", None)
+        monkeypatch.delenv("CPM2_CPU_EXTENSION", raising=False)
+
+        def build():
+            raise RuntimeError(message)
+        monkeypatch.setattr(library, "_build", build)
+    return fail

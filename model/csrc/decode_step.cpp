@@ -23,6 +23,8 @@
 #include <tuple>
 #include <vector>
 
+#include "cpm2_vector_math.h"
+
 namespace at {
 namespace native {
 // oneDNN linear (`mkldnn::_linear_pointwise`), exported by libtorch_cpu; `weight` dense or packed by
@@ -73,27 +75,8 @@ Tensor append_kv(const Tensor& past, const Tensor& fresh) {
   return grown;
 }
 
-// exp(x) for x <= 0 (scores minus their row maximum): Cephes' expf (range reduction by ln 2, degree-6 polynomial,
-// within 2 ulp of the exact value), written without calls or branches so that the compiler vectorises the loop.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);                           // exp(-87) ~ 1.6e-38, still a normal float
-  const float magic = 12582912.0f;                   // 1.5 * 2^23: adding it rounds to an integer
-  const float n = (x * 1.44269504088896341f + magic) - magic;
-  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-constexpr int64_t kLanes = 16;  // partial sums per dot product: one AVX-512 register
+using cpm2::exp_nonpositive;
+using cpm2::kLanes;
 
 // softmax(q . k_l + bias_l) over l, then the weighted sum of the v_l, for one (query row, head): q [dk]; k, v
 // rows l at k + l * k_stride (dk contiguous floats each); bias (or null) at bias + l * bias_stride; scores: scratch
@@ -396,11 +379,7 @@ void gated_gelu_rows(const float* wi, int64_t rows, int64_t d_ff, float* out) {
     const float* lin = gate + d_ff;
     float* o = out + r * d_ff;
     for (int64_t i = 0; i < d_ff; ++i) {
-      const float x = gate[i];
-      const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);  // sqrt(2/pi) (x + 0.044715 x^3)
-      const float e = exp_nonpositive(-2.0f * std::fabs(u));
-      const float t = std::copysign((1.0f - e) / (1.0f + e), u);
-      o[i] = 0.5f * x * (1.0f + t) * lin[i];
+      o[i] = cpm2::gelu_tanh(gate[i]) * lin[i];
     }
   }
 }

@@ -19,38 +19,17 @@
 #include <tuple>
 #include <vector>
 
+#include "cpm2_vector_math.h"
+
 namespace {
 
 using at::Tensor;
 
-constexpr int64_t kLanes = 16;  // partial sums per reduction: one AVX-512 register
-
-// exp(x) for x <= 0: Cephes' expf (within 2 ulp), branch-free so that loops calling it vectorise.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float n = (x * 1.44269504088896341f + magic) - magic;
-  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-inline float tanh_via_exp(float u) {  // sign(u) (1 - e) / (1 + e), e = exp(-2|u|) <= 1
-  const float e = exp_nonpositive(-2.0f * std::fabs(u));
-  return std::copysign((1.0f - e) / (1.0f + e), u);
-}
-
-constexpr float kSqrt2OverPi = 0.7978845608028654f;
-constexpr float kGeluCoef = 0.044715f;
+using cpm2::exp_nonpositive;
+using cpm2::kGeluCoef;
+using cpm2::kLanes;
+using cpm2::kSqrt2OverPi;
+using cpm2::tanh_via_exp;
 
 void check_float_cpu(const Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, "cpm2 fused ops: ", name,
@@ -62,9 +41,7 @@ void check_float_cpu(const Tensor& t, const char* name) {
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 void gated_gelu_forward_span(const float* gate, const float* lin, float* out, int64_t count) {
   for (int64_t i = 0; i < count; ++i) {
-    const float x = gate[i];
-    const float t = tanh_via_exp(kSqrt2OverPi * (x + kGeluCoef * x * x * x));
-    out[i] = 0.5f * x * (1.0f + t) * lin[i];
+    out[i] = cpm2::gelu_tanh(gate[i]) * lin[i];
   }
 }
 

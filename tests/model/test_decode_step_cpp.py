@@ -61,7 +61,9 @@ def test_cpp_path_is_not_taken_where_it_does_not_apply(monkeypatch):
         assert decode_step.StepPlan(model).cpp is None  # weights not packed: no packed_weights block
         with fast_linear.packed_weights():
             assert decode_step.StepPlan(model).cpp is not None
-            assert decode_step.StepPlan(model.to(torch.bfloat16)).cpp is None  # bf16: the Python loop
+            with monkeypatch.context() as m:  # bf16: the Python loop, and no build is attempted for it
+                m.setattr(decode_step.LIBRARY, "available", lambda: pytest.fail("build tried for a bf16 model"))
+                assert decode_step.StepPlan(model.to(torch.bfloat16)).cpp is None
         model.float()
         monkeypatch.setattr(decode_step.mpu, "get_model_parallel_world_size", lambda: 2)
         with fast_linear.packed_weights():
@@ -117,15 +119,8 @@ def test_attention_kernel_refuses_what_it_cannot_do():
         torch.ops.cpm2.single_query_attention(q.double(), k.double(), v.double(), None)
 
 
-def test_without_the_library_generate_runs_the_python_step_after_one_warning(monkeypatch, caplog):
-    library = decode_step.LIBRARY
-    monkeypatch.setattr(library, "_loaded", None)
-    monkeypatch.setattr(library, "_failure", None)
-    monkeypatch.delenv("CPM2_CPU_EXTENSION", raising=False)
-
-    def no_compiler():
-        raise RuntimeError("Error building extension 'cpm2_decode_step': c++: command not found")
-    monkeypatch.setattr(library, "_build", no_compiler)
+def test_without_the_library_generate_runs_the_python_step_after_one_warning(monkeypatch, failing_build, caplog):
+    failing_build(decode_step.LIBRARY, "Error building extension 'cpm2_decode_step': c++: command not found")
     model, enc, mask = _model()
     cfg = GenerationConfig(max_length=6, min_length=6, num_beams=1, eos_id=2, pad_id=0, decoder_prefix=[0])
     with caplog.at_level(logging.WARNING, logger="cpm2"):

@@ -98,12 +98,8 @@ def test_the_model_and_the_loss_use_the_fused_kernels_in_fp32(monkeypatch):
     assert calls == []
 
 
-def test_without_the_library_the_aten_path_runs_after_one_warning(monkeypatch, caplog):
-    library = fused_ops.LIBRARY
-    monkeypatch.setattr(library, "_loaded", None)
-    monkeypatch.setattr(library, "_failure", None)
-    monkeypatch.delenv("CPM2_CPU_EXTENSION", raising=False)
-    monkeypatch.setattr(library, "_build", lambda: (_ for _ in ()).throw(RuntimeError("ninja: not found")))
+def test_without_the_library_the_aten_path_runs_after_one_warning(failing_build, caplog):
+    failing_build(fused_ops.LIBRARY, "ninja: not found")
     x = torch.randn(2, 3, 8, requires_grad=True)
     with caplog.at_level(logging.WARNING, logger="cpm2"):
         y = transformer.rms_norm(transformer.gated_gelu(x, x), torch.ones(8), 1e-6)

@@ -125,15 +125,8 @@ def test_training_attention_through_the_extension_equals_the_plain_path(bias_sha
         torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
 
 
-def test_a_failed_build_warns_once_and_callers_keep_working(monkeypatch, caplog):
-    library = onednn_matmul.LIBRARY
-    monkeypatch.setattr(library, "_loaded", None)
-    monkeypatch.setattr(library, "_failure", None)
-    monkeypatch.delenv("CPM2_CPU_EXTENSION", raising=False)
-
-    def no_compiler():
-        raise RuntimeError("Error building extension 'cpm2_onednn_matmul': g++: not found")
-    monkeypatch.setattr(library, "_build", no_compiler)
+def test_a_failed_build_warns_once_and_callers_keep_working(failing_build, caplog):
+    failing_build(onednn_matmul.LIBRARY, "Error building extension 'cpm2_onednn_matmul': g++: not found")
     with caplog.at_level(logging.WARNING, logger="cpm2"):
         assert not onednn_matmul.available()
         assert not onednn_matmul.available()
