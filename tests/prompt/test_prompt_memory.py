@@ -11,13 +11,15 @@ import sys
 
 import pytest
 
-from tests.training.helpers import ROOT, env_for, free_port
+from tests.training.helpers import ROOT, env_for
 
 
 def probes(*flags: str) -> tuple[dict, dict]:
     """(full, prompt): the two modes run side by side, each in its own process."""
+    # MASTER_PORT 0: each single-process probe's store binds a port of its own choosing (a port picked here and
+    # bound later by the child could be taken in between: EADDRINUSE, seen once in the slow suite)
     procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "prompt" / "memory_probe.py"), mode, *flags],
-                              cwd=ROOT, env=env_for(MASTER_PORT=str(free_port())), stdout=subprocess.PIPE,
+                              cwd=ROOT, env=env_for(MASTER_PORT="0"), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for mode in ("full", "prompt")]
     out = []
     for proc in procs:
