@@ -70,7 +70,10 @@ class CppLibrary:
         from torch.utils import cpp_extension
 
         _ensure_ninja_on_path()
-        _remove_stale_lock(pathlib.Path(cpp_extension._get_build_directory(self.name, verbose=False)) / "lock")
+        build_dir = pathlib.Path(cpp_extension._get_build_directory(self.name, verbose=False))
+        _remove_stale_lock(build_dir / "lock")
+        if not (build_dir / f"{self.name}.so").exists():  # say why the first step pauses
+            logger.info("building C++ library %s in %s (first use on this machine, ~10-20 s)", self.name, build_dir)
         cpp_extension.load(name=self.name, sources=[str(self.source)], extra_cflags=self.cflags,
                            extra_ldflags=self.ldflags, extra_include_paths=[str(INCLUDE_DIR)],
                            is_python_module=False, verbose=False)
