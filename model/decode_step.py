@@ -143,7 +143,7 @@ def decode_step(model: torch.nn.Module, tokens: torch.Tensor, past: list[Growabl
     h = model.word_embeds(tokens[:, None])  # [N, 1, d]
     self_bias = plan.position_attention.position_bias(1, offset + 1, offset, h.device).to(h.dtype)  # [1,Hp,1,L+1]
     if plan.cpp is not None and h.dtype == torch.float32 and h.device.type == "cpu":
-        # The same ATen calls as _layer_step, issued from C++ (model/csrc/decode_step.cpp)
+        # _layer_step's maths in C++ with fused kernels and, for few rows, its panel GEMM (model/csrc/decode_step.cpp)
         weights, eps, heads, d_kv = plan.cpp
         h, keys, values = torch.ops.cpm2.decode_layers(
             h, weights, eps, heads, d_kv, [c["self_k"] for c in past], [c["self_v"] for c in past],

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import weakref
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +35,8 @@ from . import onednn_matmul
 _ENABLED = os.environ.get("CPM2_ONEDNN_LINEAR", "1") != "0" and torch.backends.mkldnn.is_available() \
     and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
-# id(weight) -> (weakref to weight, weight._version, weight.data_ptr(), packed weight); for linear_pair,
-# (id(a), id(b)) -> (weakref to a, b, versions and pointers of both, packed [a; b]) (packed_pair)
-_PACKED: dict[int, tuple] = {}
+# (form kind, id of each weight) -> (weakrefs to the weights, their (_version, data_ptr), the form): cached_form
+_PACKED: dict[tuple, tuple] = {}
 
 
 def set_enabled(enabled: bool) -> bool:
@@ -76,44 +75,30 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
 
-def packed_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The oneDNN-blocked copy of ``weight`` (inference only), rebuilt when the weight changed since packing."""
-    key = id(weight)
-    entry = _PACKED.get(key)
-    if entry is not None and entry[0]() is weight and entry[1] == weight._version \
-            and entry[2] == weight.data_ptr():
-        return entry[3]
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-    ref = weakref.ref(weight, lambda _, k=key: _PACKED.pop(k, None))
-    _PACKED[key] = (ref, weight._version, weight.data_ptr(), packed)
-    return packed
-
-
-def packed_pair(weight_a: torch.Tensor, weight_b: torch.Tensor) -> torch.Tensor:
-    """The oneDNN-blocked copy of ``[weight_a; weight_b]`` (inference only), rebuilt when either weight changed."""
-    key = (id(weight_a), id(weight_b))
-    versions = (weight_a._version, weight_a.data_ptr(), weight_b._version, weight_b.data_ptr())
-    entry = _PACKED.get(key)
-    if entry is None or entry[0]() is not weight_a or entry[1] is not weight_b or entry[2] != versions:
-        packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat([weight_a.detach(), weight_b.detach()]), None)
-        ref = weakref.ref(weight_a, lambda _, k=key: _PACKED.pop(k, None))
-        entry = (ref, weight_b, versions, packed)
-        _PACKED[key] = entry
-    return entry[3]
-
-
 def cached_form(kind: str, weights: tuple[torch.Tensor, ...], build: Callable[..., torch.Tensor]) -> torch.Tensor:
     """``build(*weights)`` (detached), made once per :func:`packed_weights` block and rebuilt when any of the weights
-    changed since (version or storage), as :func:`packed_weight` does for oneDNN's layout; ``kind`` names the form
-    (model/decode_step.py keeps its 16-column panels here)."""
+    changed since (version or storage); dropped when one of them is freed. ``kind`` names the form: oneDNN's
+    packed layout here, model/decode_step.py's 16-column panels."""
     key = (kind, *(id(w) for w in weights))
     stamp = tuple((w._version, w.data_ptr()) for w in weights)
     entry = _PACKED.get(key)
     if entry is not None and entry[1] == stamp and all(ref() is w for ref, w in zip(entry[0], weights)):
         return entry[2]
     form = build(*(w.detach() for w in weights))
-    _PACKED[key] = (tuple(weakref.ref(w) for w in weights), stamp, form)
+    refs = tuple(weakref.ref(w, lambda _, k=key: _PACKED.pop(k, None)) for w in weights)
+    _PACKED[key] = (refs, stamp, form)
     return form
+
+
+def packed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The oneDNN-blocked copy of ``weight`` (inference only), rebuilt when the weight changed since packing."""
+    return cached_form("onednn", (weight,), lambda w: torch.ops.mkldnn._reorder_linear_weight(w, None))
+
+
+def packed_pair(weight_a: torch.Tensor, weight_b: torch.Tensor) -> torch.Tensor:
+    """The oneDNN-blocked copy of ``[weight_a; weight_b]`` (inference only), rebuilt when either weight changed."""
+    return cached_form("onednn", (weight_a, weight_b),
+                       lambda a, b: torch.ops.mkldnn._reorder_linear_weight(torch.cat([a, b]), None))
 
 
 def _packable(*weights: torch.Tensor) -> bool:
@@ -187,12 +172,14 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w
 
 
-def _weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``grad [N, out]^T @ x [N, in] -> [out, in]``. oneDNN's linear would copy the transposed ``grad^T`` first
-    (~30 % of this GEMM's time); the matmul extension reads it in place (mpu/onednn_matmul.py)."""
+def _weight_grad(grad: torch.Tensor, x: torch.Tensor,
+                 gemm: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+    """``grad [N, out]^T @ x [N, in] -> [out, in]``. oneDNN's linear (``gemm``, default :func:`_onednn`) would copy
+    the transposed ``grad^T`` first (~30 % of this GEMM's time); the matmul extension reads it in place
+    (mpu/onednn_matmul.py)."""
     if onednn_matmul.usable(grad, x):
         return onednn_matmul.matmul(grad.t(), x)
-    return _onednn(grad.t(), x.t())
+    return (gemm or _onednn)(grad.t(), x.t())
 
 
 @torch.library.custom_op("cpm2::onednn_linear", mutates_args=())
@@ -218,9 +205,7 @@ def _onednn_linear_backward(ctx, grad):
     grad_x = onednn_linear(grad, weight.t()) if ctx.needs_input_grad[0] else None
     grad_w = None
     if ctx.needs_input_grad[1]:
-        grad_2d, x_2d = grad.reshape(-1, grad.size(-1)), x.reshape(-1, x.size(-1))
-        grad_w = onednn_matmul.matmul(grad_2d.t(), x_2d) if onednn_matmul.usable(grad_2d, x_2d) else \
-            onednn_linear(grad_2d.t(), x_2d.t())
+        grad_w = _weight_grad(grad.reshape(-1, grad.size(-1)), x.reshape(-1, x.size(-1)), gemm=onednn_linear)
     return grad_x, grad_w
 
 

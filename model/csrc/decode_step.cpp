@@ -324,36 +324,21 @@ Tensor panel_linear(const Tensor& x_in, const Tensor& wb, int64_t n) {
   return (padded_rows == rows ? out : out.narrow(0, 0, rows)).view(shape);
 }
 
-// One row of T5's RMSNorm after the residual add: sum = h + y (y may be null: no add), out = w * sum /
-// sqrt(mean(sum^2) + eps). Statistics in fp32 as in model/transformer.py rms_norm.
+// One row of T5's RMSNorm after the residual add: sum = h + y, out = rms_norm(sum) (y null: out = rms_norm(h),
+// sum untouched). Statistics in fp32 as in model/transformer.py rms_norm.
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 void add_rms_norm_row(const float* h, const float* y, const float* w, float eps, int64_t d, float* sum,
                       float* out) {
-  float part[kLanes] = {};
-  const int64_t d_main = d - d % kLanes;
-  for (int64_t i0 = 0; i0 < d_main; i0 += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) {
-      const float x = y != nullptr ? h[i0 + j] + y[i0 + j] : h[i0 + j];
-      sum[i0 + j] = x;
-      part[j] += x * x;
+  if (y != nullptr) {
+    for (int64_t i = 0; i < d; ++i) {
+      sum[i] = h[i] + y[i];
     }
+    h = sum;
   }
-  float squares = 0.0f;
-  for (int64_t j = 0; j < kLanes; ++j) {
-    squares += part[j];
-  }
-  for (int64_t i = d_main; i < d; ++i) {
-    const float x = y != nullptr ? h[i] + y[i] : h[i];
-    sum[i] = x;
-    squares += x * x;
-  }
-  const float scale = 1.0f / std::sqrt(squares / static_cast<float>(d) + eps);
-  for (int64_t i = 0; i < d; ++i) {
-    out[i] = w[i] * (sum[i] * scale);
-  }
+  cpm2::rms_norm_row(h, w, eps, d, out);
 }
 
-// (h + y, rms_norm(h + y)) for h, y [N, 1, d] (y undefined: no add); both results new contiguous tensors.
+// (h + y, rms_norm(h + y)) for h, y [N, 1, d] (y undefined: (h, rms_norm(h))); the norm a new contiguous tensor.
 std::pair<Tensor, Tensor> add_rms_norm(const Tensor& h, const Tensor& y, const Tensor& weight, double eps) {
   const Tensor hc = h.contiguous();
   const Tensor yc = y.defined() ? y.contiguous() : Tensor();
@@ -364,8 +349,7 @@ std::pair<Tensor, Tensor> add_rms_norm(const Tensor& h, const Tensor& y, const T
   Tensor out = at::empty_like(hc);
   for (int64_t r = 0; r < rows; ++r) {
     add_rms_norm_row(hc.data_ptr<float>() + r * d, yc.defined() ? yc.data_ptr<float>() + r * d : nullptr,
-                     wc.data_ptr<float>(), static_cast<float>(eps), d,
-                     yc.defined() ? sum.data_ptr<float>() + r * d : sum.data_ptr<float>() + r * d,
+                     wc.data_ptr<float>(), static_cast<float>(eps), d, sum.data_ptr<float>() + r * d,
                      out.data_ptr<float>() + r * d);
   }
   return {sum, out};

@@ -45,4 +45,24 @@ inline float gelu_tanh(float x) {
   return 0.5f * x * (1.0f + tanh_via_exp(kSqrt2OverPi * (x + kGeluCoef * x * x * x)));
 }
 
+// One row of T5's RMSNorm: y = w * x / sqrt(mean(x^2) + eps) over d floats (squares summed in kLanes partial
+// sums); returns the reciprocal 1 / sqrt(mean(x^2) + eps).
+inline float rms_norm_row(const float* x, const float* w, float eps, int64_t d, float* y) {
+  float part[kLanes] = {};
+  const int64_t d_main = d - d % kLanes;
+  for (int64_t i0 = 0; i0 < d_main; i0 += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) {
+      part[j] += x[i0 + j] * x[i0 + j];
+    }
+  }
+  float squares = 0.0f;
+  for (int64_t j = 0; j < kLanes; ++j) squares += part[j];
+  for (int64_t i = d_main; i < d; ++i) squares += x[i] * x[i];
+  const float rstd = 1.0f / std::sqrt(squares / static_cast<float>(d) + eps);
+  for (int64_t i = 0; i < d; ++i) {
+    y[i] = w[i] * (x[i] * rstd);
+  }
+  return rstd;
+}
+
 }  // namespace cpm2

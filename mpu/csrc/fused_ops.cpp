@@ -98,21 +98,7 @@ std::tuple<Tensor, Tensor> gated_gelu_backward(const Tensor& grad, const Tensor&
 
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 float rms_norm_forward_row(const float* x, const float* w, float eps, int64_t d, float* y) {
-  float part[kLanes] = {};
-  const int64_t d_main = d - d % kLanes;
-  for (int64_t i0 = 0; i0 < d_main; i0 += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) {
-      part[j] += x[i0 + j] * x[i0 + j];
-    }
-  }
-  float squares = 0.0f;
-  for (int64_t j = 0; j < kLanes; ++j) squares += part[j];
-  for (int64_t i = d_main; i < d; ++i) squares += x[i] * x[i];
-  const float rstd = 1.0f / std::sqrt(squares / static_cast<float>(d) + eps);
-  for (int64_t i = 0; i < d; ++i) {
-    y[i] = w[i] * (x[i] * rstd);
-  }
-  return rstd;
+  return cpm2::rms_norm_row(x, w, eps, d, y);
 }
 
 // dx = rstd * (w * dy) - x * rstd^3 / d * sum(w * dy * x); dw_acc += dy * x * rstd
